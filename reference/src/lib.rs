@@ -1,0 +1,2 @@
+//! `eio-reference`: the slow, readable f64 oracle of Ensemble-in-One.
+pub mod ops;
