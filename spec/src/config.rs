@@ -25,7 +25,8 @@ pub const CIFAR10_MEAN: [f64; 3] = [0.4914, 0.4822, 0.4465];
 pub const CIFAR10_STD: [f64; 3] = [0.2023, 0.1994, 0.2010];
 
 /// A whole run's settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Every field defaults to the paper's value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Master seed of every random stream ([`crate::rng::Seeds`]). Default 0.
@@ -37,21 +38,6 @@ pub struct Config {
     pub distill: DistillConfig,
     pub eval: EvalConfig,
     pub derive: DeriveConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            seed: 0,
-            model: ModelConfig::default(),
-            data: DataConfig::default(),
-            train: TrainConfig::default(),
-            eio: EioConfig::default(),
-            distill: DistillConfig::default(),
-            eval: EvalConfig::default(),
-            derive: DeriveConfig::default(),
-        }
-    }
 }
 
 /// Network families.

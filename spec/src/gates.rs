@@ -185,8 +185,11 @@ impl PathSpace {
 
     /// n^d as an exact count, or `None` when it exceeds `u128`.
     pub fn prefix_count(&self, depth: usize) -> Option<u128> {
-        let depth = u32::try_from(depth).ok()?;
-        (self.n as u128).checked_pow(depth)
+        match u32::try_from(depth) {
+            Ok(depth) => (self.n as u128).checked_pow(depth),
+            // An exponent beyond u32: 1^d = 1, and n^d overflows for every n >= 2.
+            Err(_) => (self.n == 1).then_some(1),
+        }
     }
 
     /// The number of paths n^K.

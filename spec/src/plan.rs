@@ -845,3 +845,108 @@ impl Builder {
         plan
     }
 }
+
+impl Plan {
+    /// A human-readable table of the plan: nodes, RGBs, distillation layers with d(l), every
+    /// tensor with its shape, and the parameter count.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let shape = |sh: &Shape| match *sh {
+            Shape::Map { c, h, w } => format!("{c}x{h}x{w}"),
+            Shape::Vector(n) => format!("{n}"),
+        };
+        let _ = writeln!(
+            s,
+            "{}: n = {}, sharing = {:?}, input {}, {} classes, K = {} RGBs, L = {} layers, {} paths",
+            self.name,
+            self.n,
+            self.sharing,
+            shape(&self.input),
+            self.classes,
+            self.k(),
+            self.l(),
+            self.path_space()
+                .count()
+                .map_or_else(|e| e.to_string(), |c| c.to_string())
+        );
+        let _ = writeln!(s, "\nnodes:");
+        for (id, node) in self.nodes.iter().enumerate() {
+            let op = match &node.op {
+                Op::Input => "input".to_string(),
+                Op::Normalize { .. } => "normalize".to_string(),
+                Op::Conv {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                    weight,
+                } => format!(
+                    "conv {in_channels}->{out_channels} k{kernel} s{stride} p{padding}{}",
+                    gate_tag(weight.gate)
+                ),
+                Op::BatchNorm { channels, params } => {
+                    format!("bn {channels}{}", gate_tag(params.gate))
+                }
+                Op::Relu => "relu".to_string(),
+                Op::LeakyRelu { slope } => format!("leaky-relu {slope}"),
+                Op::Add => "add".to_string(),
+                Op::MaxPool2 => "maxpool 2x2".to_string(),
+                Op::GlobalAvgPool => "global-avg-pool".to_string(),
+                Op::Flatten => "flatten".to_string(),
+                Op::Linear {
+                    in_features,
+                    out_features,
+                    params,
+                } => format!(
+                    "linear {in_features}->{out_features}{}",
+                    gate_tag(params.gate)
+                ),
+            };
+            let _ = writeln!(
+                s,
+                "  {id:>3} {op:<32} <- {:?} -> {}",
+                node.inputs,
+                shape(&node.shape)
+            );
+        }
+        let _ = writeln!(s, "\nRGBs:");
+        for (g, gate) in self.gates.iter().enumerate() {
+            let _ = writeln!(s, "  {:>3} {} (nodes {:?})", g + 1, gate.module, gate.nodes);
+        }
+        let _ = writeln!(
+            s,
+            "\ndistillation layers (l, d(l), before-ReLU node, after-ReLU node):"
+        );
+        for layer in &self.layers {
+            let _ = writeln!(
+                s,
+                "  {:>3} d={:<3} {:>3} {:>3}  {}",
+                layer.index, layer.depth, layer.before_relu, layer.after_relu, layer.name
+            );
+        }
+        let _ = writeln!(s, "\ntensors:");
+        for p in &self.params {
+            let _ = writeln!(s, "  {:<60} {:?} {:?}", p.name, p.shape, p.role);
+        }
+        let buffers: usize = self
+            .params
+            .iter()
+            .filter(|p| p.role != Role::Learnable)
+            .map(ParamSpec::numel)
+            .sum();
+        let _ = writeln!(
+            s,
+            "\n{} tensors, {} learnable parameters, {} buffer elements",
+            self.params.len(),
+            self.parameter_count(),
+            buffers
+        );
+        s
+    }
+}
+
+fn gate_tag(gate: Option<usize>) -> String {
+    gate.map_or_else(String::new, |g| format!(" [RGB {}]", g + 1))
+}
