@@ -181,8 +181,9 @@ where
     let mut worst_flat_index = 0;
     for (i, (&a, &n)) in analytic.iter().zip(numeric.iter()).enumerate() {
         let e = relative_error(a, n, config.floor);
-        // `!(e <= max)` also catches NaN.
-        if !(e <= max_relative_error) {
+        // The first NaN is reported as the worst element and is kept.
+        let worse = e > max_relative_error || (e.is_nan() && !max_relative_error.is_nan());
+        if worse {
             max_relative_error = e;
             worst_flat_index = i;
         }
@@ -235,6 +236,35 @@ mod tests {
         let report = check_gradient(f, &x, &bad, GradCheckConfig::default());
         assert_eq!(report.worst_flat_index, 1);
         assert!(report.max_relative_error > 1e-4);
+    }
+
+    #[test]
+    fn check_gradient_reports_nan_as_failure() {
+        let x: Array1<f64> = array![1.0, 2.0, 3.0];
+        let analytic = array![2.0, f64::NAN, 6.0];
+        let report = check_gradient(
+            |v| v.iter().map(|a| a * a).sum(),
+            &x,
+            &analytic,
+            GradCheckConfig::default(),
+        );
+        assert!(report.max_relative_error.is_nan());
+        assert_eq!(report.worst_flat_index, 1);
+        let caught = std::panic::catch_unwind(|| report.assert_below(1e-6, "nan"));
+        assert!(caught.is_err(), "a NaN error must fail the check");
+    }
+
+    #[test]
+    fn numerical_gradient_walks_non_standard_layouts_in_logical_order() {
+        // A transposed (column-major) view: element (i, j) must get the
+        // derivative with respect to element (i, j).
+        let base = array![[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]];
+        let x = base.t().to_owned();
+        let weights = array![[1.0, 10.0], [100.0, 1000.0], [1e4, 1e5]];
+        let g = numerical_gradient(|v| (v * &weights).sum(), &x, 1e-3);
+        for (a, b) in g.iter().zip(weights.iter()) {
+            assert!((a - b).abs() < 1e-6 * b, "{a} vs {b}");
+        }
     }
 
     #[test]

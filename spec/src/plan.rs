@@ -950,3 +950,42 @@ impl Plan {
 fn gate_tag(gate: Option<usize>) -> String {
     gate.map_or_else(String::new, |g| format!(" [RGB {}]", g + 1))
 }
+
+impl ParamSpec {
+    /// Draws this tensor's initial values (row-major) from `rng` as [`ParamSpec::init`] says.
+    /// Counters start at 0 (returned as `0.0`).
+    pub fn initial_values<R: rand::Rng + ?Sized>(&self, rng: &mut R) -> Vec<f64> {
+        use rand_distr::{Distribution, Normal, Uniform};
+        let count = self.numel();
+        match &self.init {
+            Init::Normal { std } => {
+                let normal = Normal::new(0.0, *std).expect("std is finite and positive");
+                (0..count).map(|_| normal.sample(rng)).collect()
+            }
+            Init::Uniform { bound } => {
+                let uniform = Uniform::new_inclusive(-bound, *bound).expect("bound is finite");
+                (0..count).map(|_| uniform.sample(rng)).collect()
+            }
+            Init::Ones => vec![1.0; count],
+            Init::Zeros => vec![0.0; count],
+            Init::Values(values) => values.clone(),
+        }
+    }
+}
+
+impl Plan {
+    /// The initial value of every tensor, drawn in [`Plan::params`] order from the
+    /// [`crate::rng::Stream::Init`] stream split `member` (the member of an ensemble; 0 for a
+    /// single model). Every engine starts from exactly these numbers.
+    pub fn initial_values(
+        &self,
+        seeds: &crate::rng::Seeds,
+        member: u64,
+    ) -> Vec<(String, Vec<f64>)> {
+        let mut rng = seeds.stream(crate::rng::Stream::Init, member);
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.initial_values(&mut rng)))
+            .collect()
+    }
+}

@@ -152,3 +152,42 @@ fn distinct_digit_strings<R: Rng + ?Sized>(
     }
     drawn
 }
+
+/// The random draws of one EIO iteration (Algorithm 1 lines 11-12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IterationDraw {
+    /// The distillation layer l, 1-based.
+    pub layer: usize,
+    /// The sampled paths, pairwise distinct over the first d(l) gates.
+    pub paths: Vec<Path>,
+}
+
+/// Algorithm 1 lines 11-12 for iteration `iteration` of epoch `epoch`: l uniform on 1..=L
+/// (from [`crate::rng::Stream::Layer`], split by iteration, or by epoch under
+/// [`crate::config::LayerSchedule::PerEpoch`]), then [`sample_paths`] at depth d(l) from
+/// [`crate::rng::Stream::Paths`] split by iteration. `iteration` counts from the start of
+/// training, so every iteration has its own draws.
+///
+/// # Errors
+/// As [`sample_paths`].
+pub fn draw_iteration(
+    plan: &crate::plan::Plan,
+    eio: &crate::config::EioConfig,
+    seeds: &crate::rng::Seeds,
+    epoch: u64,
+    iteration: u64,
+) -> Result<IterationDraw, SamplerError> {
+    use crate::config::LayerSchedule;
+    use crate::rng::Stream;
+    let layer_index = match eio.layer_schedule {
+        LayerSchedule::PerBatch => iteration,
+        LayerSchedule::PerEpoch => epoch,
+    };
+    let layer = seeds
+        .stream(Stream::Layer, layer_index)
+        .random_range(1..=plan.l());
+    let depth = plan.layer(layer).depth;
+    let mut rng = seeds.stream(Stream::Paths, iteration);
+    let paths = sample_paths(&plan.path_space(), depth, eio.p, eio.infeasible, &mut rng)?;
+    Ok(IterationDraw { layer, paths })
+}

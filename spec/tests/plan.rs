@@ -319,3 +319,100 @@ fn gated_select_follows_the_path() {
         "net.model.layer1.0.conv1.candidate_ops.0.0.weight"
     );
 }
+
+#[test]
+fn initial_values_follow_the_dverge_init_and_the_seed() {
+    use eio_spec::rng::Seeds;
+    let plan = resnet(20, 2, Sharing::Independent);
+    let values: std::collections::BTreeMap<String, Vec<f64>> =
+        plan.initial_values(&Seeds::new(3), 0).into_iter().collect();
+    assert_eq!(values.len(), plan.params.len());
+    // conv N(0, sqrt(2 / (3·3·64))): 36,864 draws, sample std within 2 %.
+    let w = &values["net.model.layer3.1.conv1.candidate_ops.0.0.weight"];
+    assert_eq!(w.len(), 64 * 64 * 9);
+    let mean = w.iter().sum::<f64>() / w.len() as f64;
+    let std = (w.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+    let expected = (2.0f64 / (9.0 * 64.0)).sqrt();
+    assert!(
+        (std / expected - 1.0).abs() < 0.02,
+        "std {std} vs {expected}"
+    );
+    assert!(
+        mean.abs() < 4.0 * expected / (w.len() as f64).sqrt(),
+        "mean {mean}"
+    );
+    // Independent candidates get their own draws.
+    assert_ne!(
+        w,
+        &values["net.model.layer3.1.conv1.candidate_ops.1.0.weight"]
+    );
+    let bound = 1.0 / 64f64.sqrt();
+    assert!(values["net.model.fc.weight"]
+        .iter()
+        .all(|v| v.abs() <= bound));
+    assert!(values["net.model.conv1.candidate_ops.1.1.weight"]
+        .iter()
+        .all(|&v| v == 1.0));
+    assert!(values["net.model.conv1.candidate_ops.1.1.bias"]
+        .iter()
+        .all(|&v| v == 0.0));
+    assert!(values["net.model.conv1.candidate_ops.1.1.running_var"]
+        .iter()
+        .all(|&v| v == 1.0));
+    assert_eq!(values["net.normalizer.std"], vec![0.2023, 0.1994, 0.2010]);
+    // Same seed and member: same values; another member or seed: different.
+    assert_eq!(
+        plan.initial_values(&Seeds::new(3), 0),
+        plan.initial_values(&Seeds::new(3), 0)
+    );
+    assert_ne!(
+        plan.initial_values(&Seeds::new(3), 1),
+        plan.initial_values(&Seeds::new(3), 0)
+    );
+    assert_ne!(
+        plan.initial_values(&Seeds::new(4), 0),
+        plan.initial_values(&Seeds::new(3), 0)
+    );
+}
+
+#[test]
+fn iteration_draws_respect_the_layer_depth_and_the_schedule() {
+    use eio_spec::config::{EioConfig, LayerSchedule};
+    use eio_spec::rng::Seeds;
+    use eio_spec::sampler::draw_iteration;
+    let plan = resnet(20, 2, Sharing::SharedConv);
+    let seeds = Seeds::new(11);
+    let eio = EioConfig::default();
+    let mut layers = BTreeSet::new();
+    for iteration in 0..400 {
+        let draw = draw_iteration(&plan, &eio, &seeds, 0, iteration).unwrap();
+        assert_eq!(
+            draw,
+            draw_iteration(&plan, &eio, &seeds, 0, iteration).unwrap()
+        );
+        let depth = plan.layer(draw.layer).depth;
+        // n = 2: p = 3 is clipped to 2 at l = 1 (n^1 = 2 prefixes), as the authors' code.
+        assert_eq!(draw.paths.len(), if depth == 1 { 2 } else { 3 });
+        let prefixes: BTreeSet<&[u8]> = draw.paths.iter().map(|p| p.prefix(depth)).collect();
+        assert_eq!(prefixes.len(), draw.paths.len());
+        layers.insert(draw.layer);
+    }
+    assert_eq!(
+        layers,
+        (1..=20).collect::<BTreeSet<usize>>(),
+        "every layer is drawn"
+    );
+    let per_epoch = EioConfig {
+        layer_schedule: LayerSchedule::PerEpoch,
+        ..EioConfig::default()
+    };
+    let first = draw_iteration(&plan, &per_epoch, &seeds, 5, 0)
+        .unwrap()
+        .layer;
+    assert!(
+        (1..50).all(|i| draw_iteration(&plan, &per_epoch, &seeds, 5, i)
+            .unwrap()
+            .layer
+            == first)
+    );
+}

@@ -9,16 +9,8 @@ pub const BN_EPS: f64 = 1e-5;
 /// PyTorch's default `momentum` of `nn.BatchNorm2d`.
 pub const BN_MOMENTUM: f64 = 0.1;
 
-/// Which statistics batch norm normalises with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BnMode {
-    /// `model.train()`: normalise with the statistics of the current batch
-    /// and update the running statistics.
-    Train,
-    /// `model.eval()`: normalise with the running statistics, which are left
-    /// unchanged.
-    Eval,
-}
+/// Train or eval BatchNorm, as `eio-spec` defines it (`model.train()` / `model.eval()`).
+pub use eio_spec::config::BnMode;
 
 /// The running statistics (buffers) of one batch-norm layer with `C`
 /// channels, named as in PyTorch's `state_dict`.

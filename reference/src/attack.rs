@@ -1,0 +1,226 @@
+//! L-inf PGD (Madry et al.) against one path, an ensemble, or the randomised RGN.
+//!
+//! ```text
+//! x_0     = clamp(x + U(−ε, ε), 0, 1)   with random_start, else x
+//! x_{k+1} = clamp(clamp(x_k + α·sign(∇_x L(x_k, y)), x − ε, x + ε), 0, 1)
+//! ```
+//!
+//! L is the batch-mean cross-entropy or C&W margin loss (`-relu(z_y - max_{k≠y} z_k + κ)`),
+//! both maximised. What L differentiates ([`Target`]):
+//! * one path: its logits z;
+//! * an ensemble: the log of the mean softmax of its members (DVERGE's ensemble output),
+//!   used in place of z;
+//! * the randomised RGN (a fresh path per forward, Sec. 3.4): expectation over transformation
+//!   (Athalye et al. 2018), the gradient averaged over `eot` freshly sampled paths.
+
+use eio_spec::config::{AttackLoss, BnMode};
+use eio_spec::{Path, Plan};
+use ndarray::{Array2, Array4};
+use rand::Rng;
+
+use crate::distill::sign;
+use crate::loss::{
+    cross_entropy, cw_loss, log_mean_softmax, log_mean_softmax_backward, LossAndGrad,
+};
+use crate::model::{backward, logits};
+use crate::state::ModelState;
+
+/// The probability floor of the ensemble output (DVERGE clamps the mean softmax at 1e-40).
+pub const ENSEMBLE_PROB_FLOOR: f64 = crate::loss::ENSEMBLE_PROB_FLOOR;
+
+/// One PGD run's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttackSettings {
+    pub eps: f64,
+    pub step_size: f64,
+    pub steps: usize,
+    pub random_start: bool,
+    pub loss: AttackLoss,
+    /// κ of the C&W loss.
+    pub cw_kappa: f64,
+}
+
+/// One member of an ensemble: a model state and the path through it.
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    pub plan: &'a Plan,
+    pub state: &'a ModelState,
+    pub path: &'a Path,
+}
+
+/// What is attacked and classified.
+#[derive(Debug, Clone)]
+pub enum Target<'a> {
+    /// One path of an RGN (or a plain network with n = 1).
+    Path {
+        plan: &'a Plan,
+        state: &'a ModelState,
+        path: &'a Path,
+        mode: BnMode,
+    },
+    /// An ensemble, through the log of its members' mean softmax (eval-mode BN).
+    Ensemble(Vec<Member<'a>>),
+    /// The whole RGN deployed with random gates: every forward draws a fresh path (Eq. 1);
+    /// gradients average `eot` forwards (eval-mode BN).
+    Randomised {
+        plan: &'a Plan,
+        state: &'a ModelState,
+        eot: usize,
+    },
+}
+
+fn loss_of(
+    output: &Array2<f64>,
+    labels: &[usize],
+    loss: AttackLoss,
+    kappa: f64,
+) -> LossAndGrad<ndarray::Ix2> {
+    match loss {
+        AttackLoss::Ce => cross_entropy(output, labels),
+        AttackLoss::Cw => cw_loss(output, labels, kappa),
+    }
+}
+
+impl Target<'_> {
+    /// The attack loss at `x` and its gradient with respect to `x`. `rng` draws the paths of a
+    /// randomised target.
+    pub fn loss_and_input_grad<R: Rng + ?Sized>(
+        &self,
+        x: &Array4<f64>,
+        labels: &[usize],
+        loss: AttackLoss,
+        kappa: f64,
+        rng: &mut R,
+    ) -> (f64, Array4<f64>) {
+        match self {
+            Target::Path {
+                plan,
+                state,
+                path,
+                mode,
+            } => path_loss_grad(plan, state, path, *mode, x, labels, loss, kappa),
+            Target::Ensemble(members) => {
+                let outputs: Vec<(Array2<f64>, crate::model::Trace)> = members
+                    .iter()
+                    .map(|m| logits(m.plan, m.state, m.path, x, BnMode::Eval))
+                    .collect();
+                let member_logits: Vec<Array2<f64>> =
+                    outputs.iter().map(|(z, _)| z.clone()).collect();
+                let log_p = log_mean_softmax(&member_logits, ENSEMBLE_PROB_FLOOR);
+                let l = loss_of(&log_p, labels, loss, kappa);
+                let member_grads =
+                    log_mean_softmax_backward(&member_logits, ENSEMBLE_PROB_FLOOR, &l.grad);
+                let mut grad = Array4::zeros(x.raw_dim());
+                for ((m, (_, trace)), g) in members.iter().zip(&outputs).zip(member_grads) {
+                    let grads =
+                        backward(m.plan, m.state, trace, &[(m.plan.logits(), g.into_dyn())]);
+                    grad += &grads.input.expect("the pass starts at the input");
+                }
+                (l.value, grad)
+            }
+            Target::Randomised { plan, state, eot } => {
+                let mut total_loss = 0.0;
+                let mut grad = Array4::zeros(x.raw_dim());
+                for _ in 0..*eot {
+                    let path = plan.path_space().sample(rng);
+                    let (l, g) =
+                        path_loss_grad(plan, state, &path, BnMode::Eval, x, labels, loss, kappa);
+                    total_loss += l;
+                    grad += &g;
+                }
+                let k = *eot as f64;
+                (total_loss / k, grad / k)
+            }
+        }
+    }
+
+    /// The predicted class of each image (a randomised target draws one path per call).
+    pub fn predict<R: Rng + ?Sized>(&self, x: &Array4<f64>, rng: &mut R) -> Vec<usize> {
+        let scores = match self {
+            Target::Path {
+                plan,
+                state,
+                path,
+                mode,
+            } => logits(plan, state, path, x, *mode).0,
+            Target::Ensemble(members) => {
+                let member_logits: Vec<Array2<f64>> = members
+                    .iter()
+                    .map(|m| logits(m.plan, m.state, m.path, x, BnMode::Eval).0)
+                    .collect();
+                log_mean_softmax(&member_logits, ENSEMBLE_PROB_FLOOR)
+            }
+            Target::Randomised { plan, state, .. } => {
+                let path = plan.path_space().sample(rng);
+                logits(plan, state, &path, x, BnMode::Eval).0
+            }
+        };
+        scores
+            .rows()
+            .into_iter()
+            .map(|row| {
+                // The first maximal class, as torch.argmax.
+                row.iter()
+                    .enumerate()
+                    .fold((0, f64::NEG_INFINITY), |best, (k, &v)| {
+                        if v > best.1 {
+                            (k, v)
+                        } else {
+                            best
+                        }
+                    })
+                    .0
+            })
+            .collect()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn path_loss_grad(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    mode: BnMode,
+    x: &Array4<f64>,
+    labels: &[usize],
+    loss: AttackLoss,
+    kappa: f64,
+) -> (f64, Array4<f64>) {
+    let (z, trace) = logits(plan, state, path, x, mode);
+    let l = loss_of(&z, labels, loss, kappa);
+    let grads = backward(plan, state, &trace, &[(plan.logits(), l.grad.into_dyn())]);
+    (l.value, grads.input.expect("the pass starts at the input"))
+}
+
+/// L-inf PGD from `x` with labels `labels`; returns the adversarial images. `rng` supplies the
+/// random start (from `eio_spec::rng::Stream::AttackStart`) and a randomised target's paths.
+/// Train-mode BN targets do not update running statistics here (the attack reads the model).
+pub fn pgd<R: Rng + ?Sized>(
+    target: &Target<'_>,
+    x: &Array4<f64>,
+    labels: &[usize],
+    settings: &AttackSettings,
+    rng: &mut R,
+) -> Array4<f64> {
+    let eps = settings.eps;
+    let mut adv = if settings.random_start {
+        let noise = eio_spec::rng::uniform_start(x.len(), eps, rng);
+        let noise = Array4::from_shape_vec(x.raw_dim(), noise).expect("one draw per element");
+        (x + &noise).mapv(|v| v.clamp(0.0, 1.0))
+    } else {
+        x.clone()
+    };
+    for _ in 0..settings.steps {
+        let (_, grad) =
+            target.loss_and_input_grad(&adv, labels, settings.loss, settings.cw_kappa, rng);
+        adv = ndarray::Zip::from(&adv)
+            .and(&grad)
+            .and(x)
+            .map_collect(|&a, &g, &orig| {
+                (a + settings.step_size * sign(g))
+                    .clamp(orig - eps, orig + eps)
+                    .clamp(0.0, 1.0)
+            });
+    }
+    adv
+}
