@@ -5,8 +5,10 @@
 //! every image; `eio_spec::verdict::Verdict` counts an image as robust only if every version is
 //! classified correctly. Version names are `pgd-<loss>-r<restart>`. The random start of
 //! (ε index e, loss index k, restart r) comes from `Stream::AttackStart` split
-//! `e·2^32 + k·2^16 + r`, so adding an ε never changes another ε's starts; a randomised
-//! target's paths come from `Stream::Gates` split the same way.
+//! `e·2^32 + k·2^16 + r`, so adding an ε never changes another ε's starts (a randomised
+//! target's EOT paths are drawn from the same generator, after the start); the paths with
+//! which a randomised target classifies the result come from `Stream::Gates`, split the same
+//! way (clean predictions: split `u64::MAX`).
 
 use eio_spec::config::{AttackLoss, EvalConfig};
 use eio_spec::rng::{Seeds, Stream};
