@@ -194,7 +194,8 @@ fn path_loss_grad(
 
 /// L-inf PGD from `x` with labels `labels`; returns the adversarial images. `rng` supplies the
 /// random start (from `eio_spec::rng::Stream::AttackStart`) and a randomised target's paths.
-/// Train-mode BN targets do not update running statistics here (the attack reads the model).
+/// The model is only read: a train-mode target uses batch statistics without updating the
+/// running ones (see [`pgd_train_mode`] for the variant that updates them).
 pub fn pgd<R: Rng + ?Sized>(
     target: &Target<'_>,
     x: &Array4<f64>,
@@ -203,24 +204,66 @@ pub fn pgd<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Array4<f64> {
     let eps = settings.eps;
-    let mut adv = if settings.random_start {
+    let mut adv = start(x, eps, settings.random_start, rng);
+    for _ in 0..settings.steps {
+        let (_, grad) =
+            target.loss_and_input_grad(&adv, labels, settings.loss, settings.cw_kappa, rng);
+        adv = step(&adv, &grad, x, settings.step_size, eps);
+    }
+    adv
+}
+
+/// L-inf PGD against one path with train-mode BN that, like a PyTorch attack run on a model
+/// left in `train()` mode, updates the running statistics at every step (the authors' PGD-AT
+/// term, `gen_adv_iFGSM`, runs this way inside the EIO iteration).
+pub fn pgd_train_mode<R: Rng + ?Sized>(
+    plan: &Plan,
+    state: &mut ModelState,
+    path: &Path,
+    x: &Array4<f64>,
+    labels: &[usize],
+    settings: &AttackSettings,
+    rng: &mut R,
+) -> Array4<f64> {
+    let eps = settings.eps;
+    let mut adv = start(x, eps, settings.random_start, rng);
+    for _ in 0..settings.steps {
+        let (z, trace) = logits(plan, state, path, &adv, BnMode::Train);
+        state.commit(&trace);
+        let l = loss_of(&z, labels, settings.loss, settings.cw_kappa);
+        let grad = backward(plan, state, &trace, &[(plan.logits(), l.grad.into_dyn())])
+            .input
+            .expect("the pass starts at the input");
+        adv = step(&adv, &grad, x, settings.step_size, eps);
+    }
+    adv
+}
+
+/// One projected sign step: clamp(clamp(a + α·sign(g), x − ε, x + ε), 0, 1).
+fn step(
+    adv: &Array4<f64>,
+    grad: &Array4<f64>,
+    x: &Array4<f64>,
+    alpha: f64,
+    eps: f64,
+) -> Array4<f64> {
+    ndarray::Zip::from(adv)
+        .and(grad)
+        .and(x)
+        .map_collect(|&a, &g, &orig| {
+            (a + alpha * sign(g))
+                .clamp(orig - eps, orig + eps)
+                .clamp(0.0, 1.0)
+        })
+}
+
+/// The PGD start: clamp(x + U(−ε, ε), 0, 1), or x itself.
+fn start<R: Rng + ?Sized>(x: &Array4<f64>, eps: f64, random: bool, rng: &mut R) -> Array4<f64> {
+    if random {
         let noise = eio_spec::rng::uniform_start(x.len(), eps, rng);
         let noise = Array4::from_shape_vec(x.raw_dim(), noise).expect("one draw per element");
         (x + &noise).mapv(|v| v.clamp(0.0, 1.0))
     } else {
         x.clone()
-    };
-    for _ in 0..settings.steps {
-        let (_, grad) =
-            target.loss_and_input_grad(&adv, labels, settings.loss, settings.cw_kappa, rng);
-        adv = ndarray::Zip::from(&adv)
-            .and(&grad)
-            .and(x)
-            .map_collect(|&a, &g, &orig| {
-                (a + settings.step_size * sign(g))
-                    .clamp(orig - eps, orig + eps)
-                    .clamp(0.0, 1.0)
-            });
     }
-    adv
 }

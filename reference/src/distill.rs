@@ -51,6 +51,7 @@ pub struct Distilled {
 ///
 /// # Panics
 /// If the batches differ in shape or do not fit the plan.
+#[allow(clippy::too_many_arguments)] // the arguments of x'_{P,l}(x_t, x_s), plus the model, settings and rng
 pub fn eq2_distill<R: Rng + ?Sized>(
     plan: &Plan,
     state: &mut ModelState,

@@ -14,16 +14,19 @@
 //! where c = 1 for `eio.loss_scale = "sum"` (Eq. 4) or 1/p for `"divide-by-p"` (the authors'
 //! code), and CE is the batch-mean cross-entropy with the *source* labels. Every forward of the
 //! cross-training runs in train-mode BN and updates the running statistics it touches, in the
-//! order i = 1..p, j = 1..p. Parameters that no sampled path used get a zero gradient
+//! order i = 1..p, j = 1..p. The optional PGD-AT term attacks each path in train-mode BN and
+//! updates running statistics, as the authors' `gen_adv_iFGSM` does on a model in `train()`.
+//! Parameters that no sampled path used get a zero gradient
 //! (`eio.unused_params = "step"`) or none at all, so SGD skips them (`"skip"`).
 
 use eio_spec::config::{BnMode, Config, LossScale, UnusedParams};
 use eio_spec::plan::Role;
+use eio_spec::sampler::IterationDraw;
 use eio_spec::{Path, Plan};
 use ndarray::{Array4, ArrayD};
 use rand::Rng;
 
-use crate::attack::{pgd, AttackSettings, Target};
+use crate::attack::{pgd_train_mode, AttackSettings};
 use crate::distill::eq2_distill;
 use crate::loss::cross_entropy;
 use crate::model::{backward, logits, Gradients};
@@ -54,7 +57,8 @@ pub struct IterationReport {
     pub sign_ties: usize,
 }
 
-/// Algorithm 1 lines 13-24 for the given layer and paths: distil, cross-train, one SGD step.
+/// Algorithm 1 lines 13-24 for the layer and paths of `draw` (lines 11-12, from
+/// `eio_spec::sampler::draw_iteration`): distil, cross-train, one SGD step.
 /// `rng` supplies the distillation (and adversarial-term) random starts.
 ///
 /// # Panics
@@ -65,10 +69,10 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
     optimiser: &mut Sgd,
     config: &Config,
     batch: &EioBatch,
-    layer: usize,
-    paths: &[Path],
+    draw: &IterationDraw,
     rng: &mut R,
 ) -> IterationReport {
+    let (layer, paths) = (draw.layer, draw.paths.as_slice());
     let p = paths.len();
     let mut distilled = Vec::with_capacity(p);
     let mut distill_losses = Vec::with_capacity(p);
@@ -101,13 +105,15 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
         paths
             .iter()
             .map(|path| {
-                let target = Target::Path {
+                pgd_train_mode(
                     plan,
                     state,
                     path,
-                    mode: BnMode::Train,
-                };
-                pgd(&target, &batch.source, &batch.labels, &settings, rng)
+                    &batch.source,
+                    &batch.labels,
+                    &settings,
+                    rng,
+                )
             })
             .collect()
     } else {
