@@ -51,7 +51,7 @@ pub struct IterationReport {
     pub paths: Vec<Path>,
     /// L_i for each path (after the loss scale).
     pub path_losses: Vec<f64>,
-    /// The final feature-matching loss of each path's distillation.
+    /// Each path's feature-matching loss before its last distillation step.
     pub distill_losses: Vec<f64>,
     /// Sign ties over all distillations.
     pub sign_ties: usize,
