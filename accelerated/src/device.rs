@@ -1,0 +1,51 @@
+//! Choosing where and in which precision the engine runs.
+
+use candle_core::{DType, Device};
+
+use crate::EngineError;
+
+/// Resolves a device name: `cpu`, or `cuda` / `cuda:N` (needs the `cuda` feature and a GPU).
+///
+/// # Errors
+/// [`EngineError::Device`] naming the request and why it cannot be had.
+pub fn select(name: &str) -> Result<Device, EngineError> {
+    let unavailable = |reason: String| EngineError::Device {
+        requested: name.to_string(),
+        reason,
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = match cuda.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| unavailable(format!("{n:?} is not a GPU index")))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(unavailable(
+                    "this build has no CUDA support (build with --features cuda)".into(),
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| unavailable(e.to_string()))
+        }
+        other => Err(unavailable(format!(
+            "{other:?} is not one of cpu, cuda, cuda:N"
+        ))),
+    }
+}
+
+/// Resolves a precision name: `f32` or `f64`.
+///
+/// # Errors
+/// [`EngineError::Device`] for anything else.
+pub fn dtype(name: &str) -> Result<DType, EngineError> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f64" => Ok(DType::F64),
+        other => Err(EngineError::Device {
+            requested: other.to_string(),
+            reason: "precision must be f32 or f64".into(),
+        }),
+    }
+}

@@ -1,0 +1,107 @@
+//! Eq. 2 on the device: projected sign-gradient descent towards the layer-l feature of x_t
+//! (the semantics and every switch are documented in `eio_reference::distill`).
+
+use candle_core::{Result, Tensor};
+use eio_spec::config::DistillConfig;
+use eio_spec::{Path, Plan};
+use rand::Rng;
+
+use crate::model::{backward, forward};
+use crate::ops;
+use crate::state::ModelState;
+
+/// Gradient entries with |g| below this count as sign ties.
+pub const SIGN_TIE: f64 = 1e-12;
+
+/// What a distillation produced.
+#[derive(Debug, Clone)]
+pub struct Distilled {
+    /// x', `[N, C, H, W]`.
+    pub images: Tensor,
+    /// The feature-matching loss before each step.
+    pub losses: Vec<f64>,
+    /// Entries whose step direction had |m| < [`SIGN_TIE`], summed over steps.
+    pub sign_ties: usize,
+}
+
+/// A uniform start in the eps ball, clamped to [0, 1], from host draws of
+/// `eio_spec::rng::uniform_start` (the reference draws the same numbers).
+pub(crate) fn random_start<R: Rng + ?Sized>(x: &Tensor, eps: f64, rng: &mut R) -> Result<Tensor> {
+    let noise = eio_spec::rng::uniform_start(x.elem_count(), eps, rng);
+    let noise = Tensor::from_vec(noise, x.dims(), x.device())?.to_dtype(x.dtype())?;
+    (x + noise)?.clamp(0.0, 1.0)
+}
+
+/// z ← clamp(clamp(z + α·direction, x − ε, x + ε), 0, 1) with direction already signed.
+pub(crate) fn project(z: &Tensor, x: &Tensor, eps: f64) -> Result<Tensor> {
+    z.minimum(&(x + eps)?)?
+        .maximum(&(x - eps)?)?
+        .clamp(0.0, 1.0)
+}
+
+/// Eq. 2 for `path` at layer `layer` (1-based): see `eio_reference::distill::eq2_distill`.
+///
+/// # Errors
+/// On a device error.
+#[allow(clippy::too_many_arguments)] // the arguments of x'_{P,l}(x_t, x_s), plus the model, settings and rng
+pub fn eq2_distill<R: Rng + ?Sized>(
+    plan: &Plan,
+    state: &mut ModelState,
+    path: &Path,
+    layer: usize,
+    x_t: &Tensor,
+    x_s: &Tensor,
+    config: &DistillConfig,
+    rng: &mut R,
+) -> Result<Distilled> {
+    let eps = config.eps;
+    let alpha = config.step_size();
+    let feature = plan.feature_node(layer, config.feature, config.first_layer_before_relu);
+    let mut z = if config.random_start {
+        random_start(x_s, eps, rng)?
+    } else {
+        x_s.clone()
+    };
+    let mut momentum: Option<Tensor> = None;
+    let mut losses = Vec::with_capacity(config.steps);
+    let mut sign_ties = 0;
+    for _ in 0..config.steps {
+        let source = forward(plan, state, path, &z, config.bn_mode, feature)?;
+        state.commit(&source);
+        let target = forward(plan, state, path, x_t, config.bn_mode, feature)?;
+        state.commit(&target);
+        let (loss, grad) = ops::mse(source.output(feature), target.output(feature))?;
+        losses.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
+        let grad = backward(plan, state, &source, &[(feature, grad)])?
+            .input
+            .expect("the pass starts at the input");
+        let direction = if config.momentum {
+            let l1 = grad
+                .abs()?
+                .flatten_from(1)?
+                .sum_keepdim(1)?
+                .maximum(1e-12)?;
+            let normalised = grad.broadcast_div(&l1.reshape((l1.dim(0)?, 1, 1, 1))?)?;
+            let m = match momentum.take() {
+                Some(m) => ((m * config.momentum_decay)? + normalised)?,
+                None => normalised,
+            };
+            momentum = Some(m.clone());
+            m
+        } else {
+            grad
+        };
+        sign_ties += direction
+            .abs()?
+            .lt(SIGN_TIE)?
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()? as usize;
+        z = project(&(z - (ops::sign(&direction)? * alpha)?)?, x_s, eps)?;
+    }
+    Ok(Distilled {
+        images: z,
+        losses,
+        sign_ties,
+    })
+}

@@ -1,0 +1,188 @@
+//! Eq. 3-4 and Algorithm 1 on the device: one EIO iteration and the clean pre-training
+//! iteration (semantics in `eio_reference::eio`).
+
+use candle_core::{Result, Tensor};
+use eio_spec::config::{AttackLoss, BnMode, Config, LossScale, UnusedParams};
+use eio_spec::plan::Role;
+use eio_spec::sampler::IterationDraw;
+use eio_spec::{Path, Plan};
+use rand::Rng;
+
+use crate::attack::{pgd_train_mode, AttackSettings};
+use crate::distill::eq2_distill;
+use crate::model::{backward, logits, Gradients};
+use crate::ops;
+use crate::optim::Sgd;
+use crate::state::ModelState;
+
+/// Source images with labels (`[N]`, u32) and the target images they are distilled towards.
+#[derive(Debug, Clone)]
+pub struct EioBatch {
+    pub source: Tensor,
+    pub labels: Tensor,
+    pub target: Tensor,
+}
+
+/// What one EIO iteration did.
+#[derive(Debug, Clone)]
+pub struct IterationReport {
+    pub layer: usize,
+    pub paths: Vec<Path>,
+    /// L_i for each path (after the loss scale).
+    pub path_losses: Vec<f64>,
+    /// Each path's feature-matching loss before its last distillation step.
+    pub distill_losses: Vec<f64>,
+    /// Sign ties over all distillations.
+    pub sign_ties: usize,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
+}
+
+/// Algorithm 1 lines 13-24 for the layer and paths of `draw`.
+///
+/// # Errors
+/// On a device error.
+pub fn eq4_iteration<R: Rng + ?Sized>(
+    plan: &Plan,
+    state: &mut ModelState,
+    optimiser: &mut Sgd,
+    config: &Config,
+    batch: &EioBatch,
+    draw: &IterationDraw,
+    rng: &mut R,
+) -> Result<IterationReport> {
+    let (layer, paths) = (draw.layer, draw.paths.as_slice());
+    let p = paths.len();
+    let mut distilled = Vec::with_capacity(p);
+    let mut distill_losses = Vec::with_capacity(p);
+    let mut sign_ties = 0;
+    for path in paths {
+        let d = eq2_distill(
+            plan,
+            state,
+            path,
+            layer,
+            &batch.target,
+            &batch.source,
+            &config.distill,
+            rng,
+        )?;
+        distill_losses.push(d.losses.last().copied().unwrap_or(f64::NAN));
+        sign_ties += d.sign_ties;
+        distilled.push(d.images);
+    }
+    let mut adversarial = Vec::new();
+    if config.eio.adversarial_term {
+        let adv = &config.train.adv;
+        let settings = AttackSettings {
+            eps: adv.eps,
+            step_size: adv.step_size,
+            steps: adv.steps,
+            random_start: adv.random_start,
+            loss: AttackLoss::Ce,
+            cw_kappa: config.eval.cw_kappa,
+        };
+        for path in paths {
+            adversarial.push(pgd_train_mode(
+                plan,
+                state,
+                path,
+                &batch.source,
+                &batch.labels,
+                &settings,
+                rng,
+            )?);
+        }
+    }
+    let scale = match config.eio.loss_scale {
+        LossScale::Sum => 1.0,
+        LossScale::DivideByP => 1.0 / p as f64,
+    };
+    let mut total = Gradients::default();
+    let mut path_losses = Vec::with_capacity(p);
+    for (i, path) in paths.iter().enumerate() {
+        let mut inputs: Vec<&Tensor> = distilled
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(_, x)| x)
+            .collect();
+        if let Some(adv) = adversarial.get(i) {
+            inputs.push(adv);
+        }
+        let mut loss_i = 0.0;
+        for x in inputs {
+            let (out, trace) = logits(plan, state, path, x, BnMode::Train)?;
+            state.commit(&trace);
+            let (ce, grad) = ops::cross_entropy(&out, &batch.labels)?;
+            loss_i += scale * scalar(&ce)?;
+            total.add(backward(
+                plan,
+                state,
+                &trace,
+                &[(plan.logits(), (grad * scale)?)],
+            )?)?;
+        }
+        path_losses.push(loss_i);
+    }
+    sgd_step(plan, state, optimiser, &total, config.eio.unused_params)?;
+    Ok(IterationReport {
+        layer,
+        paths: paths.to_vec(),
+        path_losses,
+        distill_losses,
+        sign_ties,
+    })
+}
+
+/// Algorithm 1 lines 4-5: train one path on a clean batch, one SGD step; returns the loss.
+///
+/// # Errors
+/// On a device error.
+pub fn pretrain_iteration(
+    plan: &Plan,
+    state: &mut ModelState,
+    optimiser: &mut Sgd,
+    path: &Path,
+    images: &Tensor,
+    labels: &Tensor,
+    unused: UnusedParams,
+) -> Result<f64> {
+    let (out, trace) = logits(plan, state, path, images, BnMode::Train)?;
+    state.commit(&trace);
+    let (ce, grad) = ops::cross_entropy(&out, labels)?;
+    let grads = backward(plan, state, &trace, &[(plan.logits(), grad)])?;
+    sgd_step(plan, state, optimiser, &grads, unused)?;
+    scalar(&ce)
+}
+
+/// Algorithm 1 line 24 over every learnable tensor: a missing gradient is zero under
+/// [`UnusedParams::Step`] and skipped under [`UnusedParams::Skip`].
+///
+/// # Errors
+/// On a device error.
+pub fn sgd_step(
+    plan: &Plan,
+    state: &mut ModelState,
+    optimiser: &mut Sgd,
+    grads: &Gradients,
+    unused: UnusedParams,
+) -> Result<()> {
+    for spec in plan.params.iter().filter(|p| p.role == Role::Learnable) {
+        let param = state.tensor(&spec.name).clone();
+        let zero;
+        let grad = match (grads.params.get(&spec.name), unused) {
+            (Some(g), _) => Some(g),
+            (None, UnusedParams::Step) => {
+                zero = param.zeros_like()?;
+                Some(&zero)
+            }
+            (None, UnusedParams::Skip) => None,
+        };
+        let updated = optimiser.step_param(&spec.name, &param, grad)?;
+        state.tensors.insert(spec.name.clone(), updated);
+    }
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! The RGN as an interpreter of the `eio-spec` plan, as explicit forward and backward passes
+//! over [`crate::ops`] (the same structure as `eio_reference::model`, which documents the
+//! semantics). No autograd: each pass keeps what its backward needs in a [`Trace`].
+
+use std::collections::BTreeMap;
+
+use candle_core::{Result, Tensor};
+use eio_spec::config::BnMode;
+use eio_spec::plan::{NodeId, Op, Plan};
+use eio_spec::Path;
+
+use crate::ops;
+use crate::state::ModelState;
+
+/// New running statistics of one BatchNorm after a train-mode pass.
+#[derive(Debug, Clone)]
+pub struct RunningUpdate {
+    pub mean_name: String,
+    pub var_name: String,
+    pub counter_name: String,
+    pub mean: Tensor,
+    pub var: Tensor,
+    pub num_batches_tracked: i64,
+}
+
+/// The outputs of one forward pass along one path.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub path: Path,
+    pub mode: BnMode,
+    /// Output of every node up to the last one computed.
+    pub outputs: Vec<Tensor>,
+    /// Per BatchNorm node: what its backward needs.
+    pub bn: BTreeMap<NodeId, ops::BnSaved>,
+    /// Running statistics after the pass (train mode only), to [`ModelState::commit`].
+    pub running: Vec<RunningUpdate>,
+}
+
+impl Trace {
+    /// The output of node `id`.
+    pub fn output(&self, id: NodeId) -> &Tensor {
+        &self.outputs[id]
+    }
+
+    /// The last output (the logits of a full pass).
+    pub fn last(&self) -> &Tensor {
+        self.outputs
+            .last()
+            .expect("a pass computes at least the input")
+    }
+}
+
+impl ModelState {
+    /// Stores the running statistics a train-mode pass produced.
+    pub fn commit(&mut self, trace: &Trace) {
+        for u in &trace.running {
+            self.tensors.insert(u.mean_name.clone(), u.mean.clone());
+            self.tensors.insert(u.var_name.clone(), u.var.clone());
+            self.counters
+                .insert(u.counter_name.clone(), u.num_batches_tracked);
+        }
+    }
+}
+
+/// Gradients of a scalar objective: by tensor name, and with respect to the input.
+#[derive(Debug, Clone, Default)]
+pub struct Gradients {
+    pub params: BTreeMap<String, Tensor>,
+    pub input: Option<Tensor>,
+}
+
+impl Gradients {
+    /// Adds `grad` to the gradient of `name`.
+    ///
+    /// # Errors
+    /// On a device error.
+    pub fn accumulate(&mut self, name: &str, grad: Tensor) -> Result<()> {
+        let total = match self.params.remove(name) {
+            Some(total) => (total + grad)?,
+            None => grad,
+        };
+        self.params.insert(name.to_string(), total);
+        Ok(())
+    }
+
+    /// Adds every gradient of `other`.
+    ///
+    /// # Errors
+    /// On a device error.
+    pub fn add(&mut self, other: Gradients) -> Result<()> {
+        for (name, grad) in other.params {
+            self.accumulate(&name, grad)?;
+        }
+        if let Some(input) = other.input {
+            self.input = Some(match self.input.take() {
+                Some(total) => (total + input)?,
+                None => input,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs nodes 0..=`end` along `path` on `input` (`[N, C, H, W]`, pixels in [0, 1]).
+///
+/// # Errors
+/// On a device error.
+pub fn forward(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    input: &Tensor,
+    mode: BnMode,
+    end: NodeId,
+) -> Result<Trace> {
+    let train = mode == BnMode::Train;
+    let mut outputs: Vec<Tensor> = Vec::with_capacity(end + 1);
+    let mut bn = BTreeMap::new();
+    let mut running = Vec::new();
+    for (id, node) in plan.nodes[..=end].iter().enumerate() {
+        let x = |k: usize| &outputs[node.inputs[k]];
+        let out = match &node.op {
+            Op::Input => input.clone(),
+            Op::Normalize { mean, std } => {
+                ops::normalize(x(0), state.tensor(mean), state.tensor(std))?
+            }
+            Op::Conv {
+                stride,
+                padding,
+                weight,
+                ..
+            } => ops::conv2d(x(0), state.tensor(weight.select(path)), *stride, *padding)?,
+            Op::BatchNorm { params, .. } => {
+                let names = params.select(path);
+                let (rm, rv) = (
+                    state.tensor(&names.running_mean),
+                    state.tensor(&names.running_var),
+                );
+                let (y, saved) = ops::batch_norm(
+                    x(0),
+                    state.tensor(&names.weight),
+                    state.tensor(&names.bias),
+                    rm,
+                    rv,
+                    train,
+                )?;
+                if train {
+                    let (n, _, h, w) = x(0).dims4()?;
+                    let (mean, var) = ops::batch_norm_running_update(rm, rv, &saved, n * h * w)?;
+                    running.push(RunningUpdate {
+                        mean_name: names.running_mean.clone(),
+                        var_name: names.running_var.clone(),
+                        counter_name: names.num_batches_tracked.clone(),
+                        mean,
+                        var,
+                        num_batches_tracked: state
+                            .counters
+                            .get(&names.num_batches_tracked)
+                            .copied()
+                            .unwrap_or(0)
+                            + 1,
+                    });
+                }
+                bn.insert(id, saved);
+                y
+            }
+            Op::Relu => ops::relu(x(0))?,
+            Op::LeakyRelu { slope } => ops::leaky_relu(x(0), *slope)?,
+            Op::Add => (x(0) + x(1))?,
+            Op::MaxPool2 => ops::max_pool2(x(0))?,
+            Op::GlobalAvgPool => ops::global_avg_pool(x(0))?,
+            Op::Flatten => x(0).flatten_from(1)?,
+            Op::Linear { params, .. } => {
+                let names = params.select(path);
+                ops::linear(x(0), state.tensor(&names.weight), state.tensor(&names.bias))?
+            }
+        };
+        outputs.push(out);
+    }
+    Ok(Trace {
+        path: path.clone(),
+        mode,
+        outputs,
+        bn,
+        running,
+    })
+}
+
+/// The logits along `path` and the trace of the pass.
+///
+/// # Errors
+/// On a device error.
+pub fn logits(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    input: &Tensor,
+    mode: BnMode,
+) -> Result<(Tensor, Trace)> {
+    let trace = forward(plan, state, path, input, mode, plan.logits())?;
+    Ok((trace.last().clone(), trace))
+}
+
+/// Back-propagates `seeds` (dL/d(output) at nodes) through the pass in `trace`.
+///
+/// # Errors
+/// On a device error.
+///
+/// # Panics
+/// If a seed's node was not computed by the pass.
+pub fn backward(
+    plan: &Plan,
+    state: &ModelState,
+    trace: &Trace,
+    seeds: &[(NodeId, Tensor)],
+) -> Result<Gradients> {
+    let last = trace.outputs.len() - 1;
+    let mut node_grads: Vec<Option<Tensor>> = vec![None; last + 1];
+    fn add(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+        *slot = Some(match slot.take() {
+            Some(total) => (total + g)?,
+            None => g,
+        });
+        Ok(())
+    }
+    for (id, grad) in seeds {
+        assert!(
+            *id <= last,
+            "seed at node {id}, but the pass stopped at node {last}"
+        );
+        add(&mut node_grads[*id], grad.clone())?;
+    }
+    let path = &trace.path;
+    let train = trace.mode == BnMode::Train;
+    let mut grads = Gradients::default();
+    for id in (0..=last).rev() {
+        let Some(g) = node_grads[id].take() else {
+            continue;
+        };
+        let node = &plan.nodes[id];
+        let x = |k: usize| &trace.outputs[node.inputs[k]];
+        let input = |k: usize| node.inputs[k];
+        match &node.op {
+            Op::Input => grads.input = Some(g),
+            Op::Normalize { std, .. } => add(
+                &mut node_grads[input(0)],
+                ops::normalize_backward(state.tensor(std), &g)?,
+            )?,
+            Op::Conv {
+                stride,
+                padding,
+                weight,
+                ..
+            } => {
+                let name = weight.select(path);
+                let (gx, gw) =
+                    ops::conv2d_backward(x(0), state.tensor(name), &g, *stride, *padding)?;
+                grads.accumulate(name, gw)?;
+                add(&mut node_grads[input(0)], gx)?;
+            }
+            Op::BatchNorm { params, .. } => {
+                let names = params.select(path);
+                let saved = &trace.bn[&id];
+                let (gx, gg, gb) =
+                    ops::batch_norm_backward(state.tensor(&names.weight), saved, &g, train)?;
+                grads.accumulate(&names.weight, gg)?;
+                grads.accumulate(&names.bias, gb)?;
+                add(&mut node_grads[input(0)], gx)?;
+            }
+            Op::Relu => add(&mut node_grads[input(0)], ops::relu_backward(x(0), &g)?)?,
+            Op::LeakyRelu { slope } => add(
+                &mut node_grads[input(0)],
+                ops::leaky_relu_backward(x(0), *slope, &g)?,
+            )?,
+            Op::Add => {
+                add(&mut node_grads[input(0)], g.clone())?;
+                add(&mut node_grads[input(1)], g)?;
+            }
+            Op::MaxPool2 => add(
+                &mut node_grads[input(0)],
+                ops::max_pool2_backward(x(0), &g)?,
+            )?,
+            Op::GlobalAvgPool => add(
+                &mut node_grads[input(0)],
+                ops::global_avg_pool_backward(x(0).dims4()?, &g)?,
+            )?,
+            Op::Flatten => add(&mut node_grads[input(0)], g.reshape(x(0).dims())?)?,
+            Op::Linear { params, .. } => {
+                let names = params.select(path);
+                let (gx, gw, gb) = ops::linear_backward(x(0), state.tensor(&names.weight), &g)?;
+                grads.accumulate(&names.weight, gw)?;
+                grads.accumulate(&names.bias, gb)?;
+                add(&mut node_grads[input(0)], gx)?;
+            }
+        }
+    }
+    Ok(grads)
+}
