@@ -156,9 +156,24 @@ impl From<Path> for String {
 
 /// The n^K paths of one RGN: K gated blocks with n candidates each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawPathSpace")]
 pub struct PathSpace {
     n: usize,
     k: usize,
+}
+
+/// The serialised form of a [`PathSpace`], checked by [`PathSpace::new`] on the way in.
+#[derive(Deserialize)]
+struct RawPathSpace {
+    n: usize,
+    k: usize,
+}
+
+impl TryFrom<RawPathSpace> for PathSpace {
+    type Error = PathError;
+    fn try_from(raw: RawPathSpace) -> Result<Self, PathError> {
+        PathSpace::new(raw.n, raw.k)
+    }
 }
 
 impl PathSpace {
@@ -322,6 +337,18 @@ mod tests {
             space.path_at(9),
             Err(PathError::IndexOutOfRange { index: 9, count: 9 })
         ));
+    }
+
+    #[test]
+    fn deserialising_checks_the_candidate_count() {
+        let ok: PathSpace = serde_json::from_str(r#"{"n":2,"k":19}"#).unwrap();
+        assert_eq!((ok.n(), ok.k()), (2, 19));
+        let bad = serde_json::from_str::<PathSpace>(r#"{"n":300,"k":19}"#).unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("n = 300 candidates per block is outside 1..=36"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -107,6 +107,15 @@ impl Seeds {
     }
 }
 
+/// `len` draws uniform on [-eps, eps): the random start of Eq. 2 distillation and of PGD
+/// (PyTorch's `uniform_(-eps, eps)`). Engines add these to the image and clamp to [0, 1].
+pub fn uniform_start<R: rand::Rng + ?Sized>(len: usize, eps: f64, rng: &mut R) -> Vec<f64> {
+    if eps == 0.0 {
+        return vec![0.0; len];
+    }
+    (0..len).map(|_| rng.random_range(-eps..eps)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,13 +160,4 @@ mod tests {
         let draw = first_draws(Seeds::new(0), Stream::Init, 0)[0];
         insta::assert_snapshot!("first_init_draw_seed_0", draw.to_string());
     }
-}
-
-/// `len` draws uniform on [-eps, eps): the random start of Eq. 2 distillation and of PGD
-/// (PyTorch's `uniform_(-eps, eps)`). Engines add these to the image and clamp to [0, 1].
-pub fn uniform_start<R: rand::Rng + ?Sized>(len: usize, eps: f64, rng: &mut R) -> Vec<f64> {
-    if eps == 0.0 {
-        return vec![0.0; len];
-    }
-    (0..len).map(|_| rng.random_range(-eps..eps)).collect()
 }
