@@ -14,7 +14,9 @@
 //! | [`schedule`] | the learning-rate schedule |
 //! | [`verdict`] | Sec. 4.1: all-or-nothing accuracy |
 //! | [`rng`] | every random choice, from one seed |
+//! | [`attack`] | Sec. 4.1: PGD settings, white-box versions and their seeds |
 
+pub mod attack;
 pub mod config;
 pub mod gates;
 pub mod plan;
