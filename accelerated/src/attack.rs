@@ -14,16 +14,8 @@ use crate::state::ModelState;
 /// The probability floor of the ensemble output (DVERGE clamps the mean softmax at 1e-40).
 pub const ENSEMBLE_PROB_FLOOR: f64 = 1e-40;
 
-/// One PGD run's settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttackSettings {
-    pub eps: f64,
-    pub step_size: f64,
-    pub steps: usize,
-    pub random_start: bool,
-    pub loss: AttackLoss,
-    pub cw_kappa: f64,
-}
+/// One PGD run's settings (defined once, in `eio-spec`).
+pub use eio_spec::attack::AttackSettings;
 
 /// One member of an ensemble.
 #[derive(Debug, Clone, Copy)]

@@ -2,7 +2,7 @@
 //! iteration (semantics in `eio_reference::eio`).
 
 use candle_core::{Result, Tensor};
-use eio_spec::config::{AttackLoss, BnMode, Config, LossScale, UnusedParams};
+use eio_spec::config::{BnMode, Config, LossScale, UnusedParams};
 use eio_spec::plan::Role;
 use eio_spec::sampler::IterationDraw;
 use eio_spec::{Path, Plan};
@@ -75,15 +75,7 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
     }
     let mut adversarial = Vec::new();
     if config.eio.adversarial_term {
-        let adv = &config.train.adv;
-        let settings = AttackSettings {
-            eps: adv.eps,
-            step_size: adv.step_size,
-            steps: adv.steps,
-            random_start: adv.random_start,
-            loss: AttackLoss::Ce,
-            cw_kappa: config.eval.cw_kappa,
-        };
+        let settings = AttackSettings::training(&config.train.adv, config.eval.cw_kappa);
         for path in paths {
             adversarial.push(pgd_train_mode(
                 plan,

@@ -2,7 +2,7 @@
 //! streams as `eio_reference::evaluate` (which documents them).
 
 use candle_core::Tensor;
-use eio_spec::config::{AttackLoss, EvalConfig};
+use eio_spec::config::EvalConfig;
 use eio_spec::rng::{Seeds, Stream};
 use eio_spec::verdict::{Robustness, Verdict};
 
@@ -23,19 +23,7 @@ pub struct WhiteBoxReport {
     pub per_eps: Vec<EpsilonResult>,
 }
 
-/// The name of one adversarial version: `pgd-<loss>-r<restart>`.
-pub fn version_name(loss: AttackLoss, restart: usize) -> String {
-    let loss = match loss {
-        AttackLoss::Ce => "ce",
-        AttackLoss::Cw => "cw",
-    };
-    format!("pgd-{loss}-r{restart}")
-}
-
-/// The stream split of one (ε, loss, restart) attack.
-pub fn attack_stream_index(eps_index: usize, loss_index: usize, restart: usize) -> u64 {
-    ((eps_index as u64) << 32) | ((loss_index as u64) << 16) | restart as u64
-}
+pub use eio_spec::attack::{stream_index as attack_stream_index, version_name};
 
 /// Runs the evaluation of `config` against `target` on `images` with `labels` (`[N]`, u32).
 ///
@@ -68,14 +56,7 @@ pub fn white_box(
         let mut verdict = Verdict::new(truth.len(), &versions)?;
         for (k, &loss) in config.losses.iter().enumerate() {
             for r in 0..config.restarts {
-                let settings = AttackSettings {
-                    eps,
-                    step_size: eps * config.step_fraction,
-                    steps: config.steps,
-                    random_start: config.random_start,
-                    loss,
-                    cw_kappa: config.cw_kappa,
-                };
+                let settings = AttackSettings::white_box(config, eps, loss);
                 let index = attack_stream_index(e, k, r);
                 let adv = pgd(
                     target,

@@ -138,6 +138,7 @@ impl ModelState {
             return Err(EngineError::UnexpectedTensor { name: name.clone() });
         }
         let mut values = HashMap::new();
+        let mut counters = BTreeMap::new();
         for spec in &plan.params {
             let t = loaded
                 .get(&spec.name)
@@ -152,12 +153,17 @@ impl ModelState {
                 });
             }
             let v = if spec.role == Role::Counter {
-                vec![t.to_dtype(DType::I64)?.to_scalar::<i64>()? as f64]
+                // Kept as read: an int64 beyond 2^53 does not survive the f64 of `values`.
+                let count = t.to_dtype(DType::I64)?.to_scalar::<i64>()?;
+                counters.insert(spec.name.clone(), count);
+                vec![count as f64]
             } else {
                 t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?
             };
             values.insert(spec.name.clone(), v);
         }
-        Self::from_values(plan, values, device, dtype)
+        let mut state = Self::from_values(plan, values, device, dtype)?;
+        state.counters = counters;
+        Ok(state)
     }
 }

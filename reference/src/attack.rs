@@ -28,17 +28,8 @@ use crate::state::ModelState;
 /// The probability floor of the ensemble output (DVERGE clamps the mean softmax at 1e-40).
 pub const ENSEMBLE_PROB_FLOOR: f64 = crate::loss::ENSEMBLE_PROB_FLOOR;
 
-/// One PGD run's settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttackSettings {
-    pub eps: f64,
-    pub step_size: f64,
-    pub steps: usize,
-    pub random_start: bool,
-    pub loss: AttackLoss,
-    /// κ of the C&W loss.
-    pub cw_kappa: f64,
-}
+/// One PGD run's settings (defined once, in `eio-spec`).
+pub use eio_spec::attack::AttackSettings;
 
 /// One member of an ensemble: a model state and the path through it.
 #[derive(Debug, Clone, Copy)]

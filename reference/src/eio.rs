@@ -93,15 +93,7 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
         distilled.push(d.images);
     }
     let adversarial: Vec<Array4<f64>> = if config.eio.adversarial_term {
-        let adv = &config.train.adv;
-        let settings = AttackSettings {
-            eps: adv.eps,
-            step_size: adv.step_size,
-            steps: adv.steps,
-            random_start: adv.random_start,
-            loss: eio_spec::config::AttackLoss::Ce,
-            cw_kappa: config.eval.cw_kappa,
-        };
+        let settings = AttackSettings::training(&config.train.adv, config.eval.cw_kappa);
         paths
             .iter()
             .map(|path| {
