@@ -10,8 +10,8 @@
 //! Flags (all optional): `--device cpu|cuda|cuda:N`, `--dtype f32|f64`, `--batch N` (EIO and
 //! clean step), `--iters N` (timed repetitions of every full-size measurement), `--warmup N`,
 //! `--pgd-batch N`, `--pgd-steps N`, `--ratio-iters N`, `--ratio-engines reference,f64,f32` (a
-//! subset, e.g. to profile one engine), `--skip-full`, `--skip-ratio`, `--ops` (adds the op-class
-//! profile below).
+//! subset, e.g. to profile one engine), `--ratio-full-clean` (the ratio of the clean step
+//! at the full size too), `--skip-full`, `--skip-ratio`, `--ops` (adds the op-class profile below).
 //!
 //! Two sections:
 //! * **full**: the accelerated engine on the official preset (ResNet-20, n = 2, p = 3,
@@ -58,6 +58,7 @@ struct Args {
     pgd_steps: usize,
     ratio_iters: usize,
     ratio_engines: String,
+    ratio_full_clean: bool,
     skip_full: bool,
     skip_ratio: bool,
     ops: bool,
@@ -74,6 +75,7 @@ fn parse_args() -> BenchResult<Args> {
         pgd_steps: 50,
         ratio_iters: 5,
         ratio_engines: "reference,f64,f32".into(),
+        ratio_full_clean: false,
         skip_full: false,
         skip_ratio: false,
         ops: false,
@@ -96,6 +98,7 @@ fn parse_args() -> BenchResult<Args> {
             "--pgd-steps" => args.pgd_steps = value()?.parse()?,
             "--ratio-iters" => args.ratio_iters = value()?.parse()?,
             "--ratio-engines" => args.ratio_engines = value()?,
+            "--ratio-full-clean" => args.ratio_full_clean = true,
             "--skip-full" => args.skip_full = true,
             "--skip-ratio" => args.skip_ratio = true,
             "--ops" => args.ops = true,
@@ -106,6 +109,9 @@ fn parse_args() -> BenchResult<Args> {
 }
 
 fn median(samples: &[f64]) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
     let mut s = samples.to_vec();
     s.sort_by(f64::total_cmp);
     let m = s.len() / 2;
@@ -443,6 +449,7 @@ fn run_reference(
     plan: &Plan,
     data: &HostData,
     iters: usize,
+    with_eio: bool,
 ) -> BenchResult<EngineTimes> {
     use eio_reference::eio::{eq4_iteration, pretrain_iteration};
     let seeds = Seeds::new(config.seed);
@@ -454,7 +461,7 @@ fn run_reference(
         clean: vec![],
         first_losses: vec![],
     };
-    for i in 0..=iters {
+    for i in (0..=iters).filter(|_| with_eio) {
         let (d, mut rng) = draw(plan, config, &seeds, i as u64)?;
         let start = Instant::now();
         let report = eq4_iteration(
@@ -498,6 +505,7 @@ fn run_accelerated(
     data: &HostData,
     dtype: DType,
     iters: usize,
+    with_eio: bool,
 ) -> BenchResult<EngineTimes> {
     let device = Device::Cpu;
     let seeds = Seeds::new(config.seed);
@@ -509,7 +517,7 @@ fn run_accelerated(
         clean: vec![],
         first_losses: vec![],
     };
-    for i in 0..=iters {
+    for i in (0..=iters).filter(|_| with_eio) {
         let (d, mut rng) = draw(plan, config, &seeds, i as u64)?;
         let (report, secs) = timed(&device, || {
             eq4_iteration(
@@ -549,21 +557,47 @@ fn run_accelerated(
 }
 
 fn ratio(args: &Args) -> BenchResult<()> {
-    let config = small_config()?;
+    ratio_on("ratio", "small config", &small_config()?, None, true, args)?;
+    if args.ratio_full_clean {
+        let official = Preset::Official
+            .config()?
+            .with_overrides(&[format!("train.batch_size={}", args.batch)])?;
+        ratio_on(
+            "ratio-full",
+            "official preset at CIFAR shape, clean step only",
+            &official,
+            Some(args.ratio_iters.min(1)),
+            false,
+            args,
+        )?;
+    }
+    Ok(())
+}
+
+/// Times the engines of `--ratio-engines` on `config` (on the CPU) and prints their speed
+/// against the reference.
+fn ratio_on(
+    label: &str,
+    what: &str,
+    config: &Config,
+    iters: Option<usize>,
+    with_eio: bool,
+    args: &Args,
+) -> BenchResult<()> {
     let plan = config.plan()?;
     let m = &config.model;
     let n = config.train.batch_size;
-    println!("== ratio: accelerated vs reference on the CPU, small config ==");
-    println!("config: {}", describe(&config, &plan, n));
+    println!("== {label}: accelerated vs reference on the CPU, {what} ==");
+    println!("config: {}", describe(config, &plan, n));
     let data = HostData::new(n, m.in_channels, m.input_size, m.classes, DATA_SEED);
-    let iters = args.ratio_iters;
+    let iters = iters.unwrap_or(args.ratio_iters).max(1);
     let wanted: Vec<&str> = args.ratio_engines.split(',').map(str::trim).collect();
     let mut rows: Vec<(&str, EngineTimes)> = Vec::new();
     for engine in &wanted {
         let times = match *engine {
-            "reference" => run_reference(&config, &plan, &data, iters)?,
-            "f64" => run_accelerated(&config, &plan, &data, DType::F64, iters)?,
-            "f32" => run_accelerated(&config, &plan, &data, DType::F32, iters)?,
+            "reference" => run_reference(config, &plan, &data, iters, with_eio)?,
+            "f64" => run_accelerated(config, &plan, &data, DType::F64, iters, with_eio)?,
+            "f32" => run_accelerated(config, &plan, &data, DType::F32, iters, with_eio)?,
             other => return Err(format!("unknown engine {other:?} in --ratio-engines").into()),
         };
         let name = match *engine {
@@ -571,10 +605,12 @@ fn ratio(args: &Args) -> BenchResult<()> {
             "f64" => "accelerated f64",
             _ => "accelerated f32",
         };
-        println!(
-            "  iteration-0 path losses, {name}: {:?}",
-            times.first_losses
-        );
+        if with_eio {
+            println!(
+                "  iteration-0 path losses, {name}: {:?}",
+                times.first_losses
+            );
+        }
         rows.push((name, times));
     }
     let reference = rows
@@ -588,11 +624,15 @@ fn ratio(args: &Args) -> BenchResult<()> {
             Some((re, rc)) => (versus(re, e), versus(rc, c)),
             None => ("no reference run".into(), "no reference run".into()),
         };
+        let eio = if t.eio.is_empty() {
+            "eio_iteration not timed".to_string()
+        } else {
+            format!("eio_iteration {:9.2} ms ({ve})", e * 1e3)
+        };
         println!(
-            "RESULT ratio {name:16}: eio_iteration {:9.2} ms ({ve})  clean_step {:8.2} ms ({vc})  (median of {}, 1 warm-up)",
-            e * 1e3,
+            "RESULT {label} {name:16}: {eio}  clean_step {:8.2} ms ({vc})  (median of {}, 1 warm-up)",
             c * 1e3,
-            t.eio.len()
+            t.clean.len()
         );
     }
     Ok(())
