@@ -1,0 +1,1 @@
+//! PyTorch interoperability for eio (skeleton; filled in by issue 6).
