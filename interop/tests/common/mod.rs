@@ -155,6 +155,9 @@ pub struct Entry {
     pub name: String,
     pub shape: Vec<usize>,
     pub storage: String,
+    pub offset: usize,
+    /// `None`: contiguous.
+    pub stride: Option<Vec<usize>>,
 }
 
 /// One storage of a synthetic checkpoint.
@@ -194,6 +197,8 @@ impl Checkpoint {
             name: name.to_string(),
             shape: shape.to_vec(),
             storage: key,
+            offset: 0,
+            stride: None,
         });
     }
 
@@ -209,6 +214,43 @@ impl Checkpoint {
             name: name.to_string(),
             ..e
         });
+    }
+
+    /// Removes the entry `name` (and its storage when no other entry uses it).
+    pub fn remove(&mut self, name: &str) {
+        let i = self
+            .entries
+            .iter()
+            .position(|e| e.name == name)
+            .expect("removed entry exists");
+        let e = self.entries.remove(i);
+        if !self.entries.iter().any(|o| o.storage == e.storage) {
+            self.storages.retain(|s| s.key != e.storage);
+        }
+    }
+
+    /// The values of entry `name`'s storage, to change.
+    pub fn values_mut(&mut self, name: &str) -> &mut Vec<f64> {
+        let key = self
+            .entries
+            .iter()
+            .find(|e| e.name == name)
+            .expect("entry exists")
+            .storage
+            .clone();
+        &mut self
+            .storages
+            .iter_mut()
+            .find(|s| s.key == key)
+            .expect("storage exists")
+            .values
+    }
+
+    /// Renames every entry with `f`.
+    pub fn rename(&mut self, f: impl Fn(&str) -> String) {
+        for e in &mut self.entries {
+            e.name = f(&e.name);
+        }
     }
 
     fn storage(&self, key: &str) -> &StorageData {
@@ -251,12 +293,15 @@ impl Checkpoint {
                 p.op(b'N');
             }
             p.op(b't').put().op(b'Q');
-            p.int(0);
+            p.int(e.offset);
             p.tuple_of_ints(&e.shape);
-            let mut stride = vec![1usize; e.shape.len()];
-            for d in (0..e.shape.len().saturating_sub(1)).rev() {
-                stride[d] = stride[d + 1] * e.shape[d + 1];
-            }
+            let stride = e.stride.clone().unwrap_or_else(|| {
+                let mut stride = vec![1usize; e.shape.len()];
+                for d in (0..e.shape.len().saturating_sub(1)).rev() {
+                    stride[d] = stride[d + 1] * e.shape[d + 1];
+                }
+                stride
+            });
             p.tuple_of_ints(&stride);
             p.op(0x89);
             p.global("collections", "OrderedDict")
