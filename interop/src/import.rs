@@ -11,7 +11,7 @@ use eio_spec::config::Sharing;
 use eio_spec::plan::{Init, Plan};
 
 use crate::torch::{StateDict, TorchTensor};
-use crate::InteropError;
+use crate::{InteropError, KeyMismatch};
 
 /// The key layout of a state dict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,13 +267,13 @@ pub fn import_state_dict(
         }
     }
     if !missing.is_empty() || !unexpected.is_empty() || !shapes.is_empty() {
-        return Err(InteropError::Mismatch {
+        return Err(InteropError::Mismatch(Box::new(KeyMismatch {
             plan: format!("{} (n = {}, {:?})", plan.name, plan.n, plan.sharing),
             layout: layout.to_string(),
             missing,
             unexpected,
             shapes,
-        });
+        })));
     }
 
     let mut values = BTreeMap::new();

@@ -117,19 +117,8 @@ pub enum InteropError {
     Tensor { name: String, message: String },
     #[error("{what} exceeds the limit of {limit} elements")]
     TooLarge { what: String, limit: usize },
-    #[error(
-        "the state dict does not fit the {plan} plan ({layout} layout):{}",
-        mismatch_list(missing, unexpected, shapes)
-    )]
-    Mismatch {
-        plan: String,
-        layout: String,
-        /// Source keys the plan needs that the file lacks.
-        missing: Vec<String>,
-        /// Keys in the file the plan has no place for.
-        unexpected: Vec<String>,
-        shapes: Vec<ShapeMismatch>,
-    },
+    #[error("{0}")]
+    Mismatch(Box<KeyMismatch>),
     #[error("{first:?} and {other:?} should hold the same shared conv weight (model.sharing = \"shared-conv\") but differ by up to {max_abs_diff:e} (first at element {index}); import with model.sharing = \"independent\" to keep both")]
     SharedConvDiffers {
         first: String,
@@ -160,26 +149,51 @@ pub enum InteropError {
     Value { name: String, message: String },
 }
 
-fn mismatch_list(missing: &[String], unexpected: &[String], shapes: &[ShapeMismatch]) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    if !missing.is_empty() {
-        let _ = write!(s, "\n  missing ({}): {}", missing.len(), missing.join(", "));
+/// Keys of a state dict that do not fit a plan: all of them, reported at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMismatch {
+    /// The target plan, e.g. `resnet20 (n = 2, SharedConv)`.
+    pub plan: String,
+    /// The source key layout.
+    pub layout: String,
+    /// Source keys the plan needs that the file lacks.
+    pub missing: Vec<String>,
+    /// Keys in the file the plan has no place for.
+    pub unexpected: Vec<String>,
+    /// Keys whose shape differs from the plan's.
+    pub shapes: Vec<ShapeMismatch>,
+}
+
+impl std::fmt::Display for KeyMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the state dict does not fit the {} plan ({} layout):",
+            self.plan, self.layout
+        )?;
+        if !self.missing.is_empty() {
+            write!(
+                f,
+                "\n  missing ({}): {}",
+                self.missing.len(),
+                self.missing.join(", ")
+            )?;
+        }
+        if !self.unexpected.is_empty() {
+            write!(
+                f,
+                "\n  unexpected ({}): {}",
+                self.unexpected.len(),
+                self.unexpected.join(", ")
+            )?;
+        }
+        for m in &self.shapes {
+            write!(
+                f,
+                "\n  shape: {} is {:?} in the file, the plan's {} is {:?}",
+                m.key, m.file, m.param, m.plan
+            )?;
+        }
+        Ok(())
     }
-    if !unexpected.is_empty() {
-        let _ = write!(
-            s,
-            "\n  unexpected ({}): {}",
-            unexpected.len(),
-            unexpected.join(", ")
-        );
-    }
-    for m in shapes {
-        let _ = write!(
-            s,
-            "\n  shape: {} is {:?} in the file, the plan's {} is {:?}",
-            m.key, m.file, m.param, m.plan
-        );
-    }
-    s
 }

@@ -24,12 +24,7 @@ fn import(bytes: &[u8], plan: &Plan) -> Result<eio_interop::Imported, InteropErr
 
 fn mismatch(err: InteropError) -> (Vec<String>, Vec<String>, Vec<eio_interop::ShapeMismatch>) {
     match err {
-        InteropError::Mismatch {
-            missing,
-            unexpected,
-            shapes,
-            ..
-        } => (missing, unexpected, shapes),
+        InteropError::Mismatch(m) => (m.missing, m.unexpected, m.shapes),
         other => panic!("expected a key mismatch, got {other}"),
     }
 }
