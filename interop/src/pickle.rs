@@ -413,6 +413,9 @@ impl Vm<'_> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (self.machine.get(module), self.machine.get(name)) {
+                        (Obj::Str(m), Obj::Str(n)) if m.len() + n.len() > 4096 => {
+                            return self.fail("STACK_GLOBAL name longer than 4096 bytes")
+                        }
                         (Obj::Str(m), Obj::Str(n)) => {
                             let (module, name) = (m.clone(), n.clone());
                             self.push(Obj::Global { module, name });

@@ -34,6 +34,12 @@ use std::sync::Arc;
 use crate::pickle::{self, Obj, ObjId};
 use crate::InteropError;
 
+/// Most dimensions a PyTorch tensor can have.
+const MAX_RANK: usize = 64;
+/// Longest storage key or device string accepted (PyTorch writes short decimal keys and tags
+/// like `cuda:0`); the bound keeps per-tensor copies of them small.
+const MAX_KEY_LEN: usize = 256;
+
 /// The legacy format's first pickle (torch/serialization.py `MAGIC_NUMBER`).
 pub const LEGACY_MAGIC: i128 = 0x1950a86a20f9469cfc6c;
 /// The legacy format's second pickle (`PROTOCOL_VERSION`).
@@ -198,19 +204,22 @@ impl TorchTensor {
         )?;
         let numel = self.numel();
         let mut out = Vec::with_capacity(numel);
-        let rank = self.shape.len();
-        let mut index = vec![0usize; rank];
+        // Dimensions of size 1 do not move the address; dropping them bounds the rank by
+        // log2(numel), so the walk below is O(numel · log numel) whatever the file says.
+        let (shape, stride): (Vec<usize>, Vec<usize>) = self
+            .shape
+            .iter()
+            .zip(&self.stride)
+            .filter(|(&size, _)| size != 1)
+            .map(|(&size, &st)| (size, st))
+            .unzip();
+        let mut index = vec![0usize; shape.len()];
         for _ in 0..numel {
-            let at = self.offset
-                + index
-                    .iter()
-                    .zip(&self.stride)
-                    .map(|(i, s)| i * s)
-                    .sum::<usize>();
+            let at = self.offset + index.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
             out.push(self.storage.dtype.decode(&self.storage.bytes, at));
-            for d in (0..rank).rev() {
+            for d in (0..shape.len()).rev() {
                 index[d] += 1;
-                if index[d] < self.shape[d] {
+                if index[d] < shape[d] {
                     break;
                 }
                 index[d] = 0;
@@ -468,6 +477,7 @@ struct Interpreter<'m> {
     storages: HashMap<String, StorageRef>,
     /// Keys of the storages the state dict's tensors use, first use first.
     used: Vec<String>,
+    used_set: std::collections::HashSet<String>,
 }
 
 impl<'m> Interpreter<'m> {
@@ -476,6 +486,7 @@ impl<'m> Interpreter<'m> {
             m,
             storages: HashMap::new(),
             used: Vec::new(),
+            used_set: std::collections::HashSet::new(),
         }
     }
 
@@ -515,6 +526,10 @@ impl<'m> Interpreter<'m> {
 
     fn usizes_of(&self, id: ObjId, what: &str) -> Result<Vec<usize>, FileError> {
         match self.m.get(id) {
+            Obj::Tuple(items) | Obj::List(items) if items.len() > MAX_RANK => format_err(format!(
+                "{what} has {} dimensions; PyTorch allows at most {MAX_RANK}",
+                items.len()
+            )),
             Obj::Tuple(items) | Obj::List(items) => {
                 items.iter().map(|&i| self.usize_of(i, what)).collect()
             }
@@ -559,7 +574,7 @@ impl<'m> Interpreter<'m> {
                     ));
                 }
                 let storage = self.storage(args[0])?;
-                if !self.used.contains(&storage) {
+                if self.used_set.insert(storage.clone()) {
                     self.used.push(storage.clone());
                 }
                 let offset = self.usize_of(args[1], "storage_offset")?;
@@ -573,14 +588,35 @@ impl<'m> Interpreter<'m> {
                 }))
             }
             ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
-                match args.first() {
-                    Some(&inner) => match self.tensor(inner)? {
-                        Some(t) => Ok(Some(t)),
-                        None => {
-                            format_err("_rebuild_parameter around something that is not a tensor")
+                // Unwrap nested parameters iteratively (ids strictly decrease, so this ends).
+                let mut inner = match args.first() {
+                    Some(&inner) => inner,
+                    None => return format_err("_rebuild_parameter without arguments"),
+                };
+                loop {
+                    if let Obj::Call { callable, args } = self.m.get(inner) {
+                        if let (
+                            Some((
+                                "torch._utils",
+                                "_rebuild_parameter" | "_rebuild_parameter_with_state",
+                            )),
+                            Obj::Tuple(a),
+                        ) = (self.global_of(*callable), self.m.get(*args))
+                        {
+                            match a.first() {
+                                Some(&next) => {
+                                    inner = next;
+                                    continue;
+                                }
+                                None => return format_err("_rebuild_parameter without arguments"),
+                            }
                         }
-                    },
-                    None => format_err("_rebuild_parameter without arguments"),
+                    }
+                    break;
+                }
+                match self.tensor(inner)? {
+                    Some(t) => Ok(Some(t)),
+                    None => format_err("_rebuild_parameter around something that is not a tensor"),
                 }
             }
             _ => Ok(None),
@@ -611,7 +647,13 @@ impl<'m> Interpreter<'m> {
         let Some(key) = self.str_of(fields[2]) else {
             return format_err("storage key is not a string");
         };
-        let location = self.str_of(fields[3]).unwrap_or("unknown").to_string();
+        let location = self.str_of(fields[3]).unwrap_or("unknown");
+        if key.len() > MAX_KEY_LEN || location.len() > MAX_KEY_LEN {
+            return format_err(format!(
+                "storage key or location longer than {MAX_KEY_LEN} bytes"
+            ));
+        }
+        let location = location.to_string();
         let numel = self.usize_of(fields[4], "storage numel")?;
         if let Some(&view) = fields.get(5) {
             if self.m.get(view) != &Obj::None {

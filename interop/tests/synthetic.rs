@@ -432,4 +432,11 @@ fn write_fuzz_seeds_on_request() {
     .unwrap();
     std::fs::write(dir.join("seed-zip-top"), ck.zip(Nesting::Top)).unwrap();
     std::fs::write(dir.join("seed-zip-model"), ck.zip(Nesting::Model)).unwrap();
+    let header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut st = (header.len() as u64).to_le_bytes().to_vec();
+    st.extend(header);
+    st.extend(1.5f32.to_le_bytes());
+    st.extend((-2.0f32).to_le_bytes());
+    assert_eq!(check_bytes(&st).unwrap(), 1);
+    std::fs::write(dir.join("seed-safetensors"), st).unwrap();
 }
