@@ -233,3 +233,46 @@ fn released_checkpoint_round_trips_through_float32_exports() {
     let single = read_state_dict(&bytes, "dverge").unwrap();
     assert_eq!(single.entries.len(), 19 + 19 * 5 + 2 * 6 + 2);
 }
+
+/// Writes the released checkpoint's exports when EIO_WRITE_EXPORTS names a folder (for a
+/// by-hand check that Python's safetensors loads them; not part of CI).
+#[test]
+fn write_exports_on_request() {
+    let Some(dir) = std::env::var_os("EIO_WRITE_EXPORTS") else {
+        return;
+    };
+    let Ok(path) = common::official_checkpoint() else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = eio_spec::Preset::Official.config().unwrap().plan().unwrap();
+    let dict = read_state_dict_file(&path).unwrap();
+    let values = import_state_dict(&dict, &plan, &ImportOptions::default())
+        .unwrap()
+        .values;
+    let o = ExportOptions::default();
+    std::fs::write(
+        dir.join("authors.safetensors"),
+        export_authors(&values, &plan, &o).unwrap(),
+    )
+    .unwrap();
+    let gates: Vec<usize> = "0111001100100100110"
+        .bytes()
+        .map(|b| usize::from(b - b'0'))
+        .collect();
+    std::fs::write(
+        dir.join("dverge-module.safetensors"),
+        export_dverge(&values, &plan, &gates, &o).unwrap(),
+    )
+    .unwrap();
+    let w = ExportOptions {
+        dverge_names: DvergeNames::Wrapper,
+        ..o
+    };
+    std::fs::write(
+        dir.join("dverge-wrapper.safetensors"),
+        export_dverge(&values, &plan, &gates, &w).unwrap(),
+    )
+    .unwrap();
+}
