@@ -105,6 +105,27 @@ fn float64_int64_half_and_strided_views() {
 }
 
 #[test]
+fn parameters_and_the_rank_limit() {
+    let plan = plan(2, Sharing::SharedConv);
+    let mut ck = authors_checkpoint(&plan);
+    let plain = import(&ck.legacy(Nesting::Top), &plan).unwrap();
+    ck.parameters = true;
+    for bytes in [ck.legacy(Nesting::Top), ck.zip(Nesting::StateDict)] {
+        assert_eq!(import(&bytes, &plan).unwrap().values, plain.values);
+    }
+    let mut ck = Checkpoint::default();
+    ck.add("deep", Ty::F32, &[1; 65], vec![1.0]);
+    let err = read_state_dict(&ck.legacy(Nesting::Top), "t")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("65 dimensions"), "{err}");
+    let mut ck = Checkpoint::default();
+    ck.add("ok", Ty::F32, &[1; 64], vec![2.0]);
+    let d = read_state_dict(&ck.zip(Nesting::Top), "t").unwrap();
+    assert_eq!(d.get("ok").unwrap().to_f64().unwrap(), vec![2.0]);
+}
+
+#[test]
 fn a_view_outside_its_storage_is_an_error() {
     let mut ck = Checkpoint::default();
     ck.add("a", Ty::F32, &[4], vec![1.0; 4]);

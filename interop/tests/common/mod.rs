@@ -173,6 +173,9 @@ pub struct StorageData {
 pub struct Checkpoint {
     pub entries: Vec<Entry>,
     pub storages: Vec<StorageData>,
+    /// Wrap every tensor in `torch._utils._rebuild_parameter(t, True, OrderedDict())`, as
+    /// `torch.save` writes an `nn.Parameter`.
+    pub parameters: bool,
 }
 
 /// Where the state dict sits in the pickled object.
@@ -281,6 +284,9 @@ impl Checkpoint {
         for e in &self.entries {
             let s = self.storage(&e.storage);
             p.str(&e.name);
+            if self.parameters {
+                p.global("torch._utils", "_rebuild_parameter").op(b'(');
+            }
             p.global("torch._utils", "_rebuild_tensor_v2");
             p.op(b'(');
             // persistent id
@@ -309,6 +315,14 @@ impl Checkpoint {
                 .op(b'R')
                 .put();
             p.op(b't').put().op(b'R').put();
+            if self.parameters {
+                p.op(0x88);
+                p.global("collections", "OrderedDict")
+                    .op(b')')
+                    .op(b'R')
+                    .put();
+                p.op(b't').put().op(b'R').put();
+            }
         }
         p.op(b'u');
         // OrderedDict _metadata via BUILD, like a real state_dict()
