@@ -65,7 +65,15 @@ pub fn decode_image(
     origin: &str,
     channels: Channels,
 ) -> Result<(ImageShape, Vec<f32>), DataError> {
-    let img = image::load_from_memory(bytes).map_err(|source| DataError::Decode {
+    // A decoder bug must not take the run down: a panic inside the decoder is reported as this
+    // file's decode error.
+    let decoded =
+        std::panic::catch_unwind(|| image::load_from_memory(bytes)).unwrap_or_else(|_| {
+            Err(image::ImageError::IoError(std::io::Error::other(
+                "the image decoder panicked on this file",
+            )))
+        });
+    let img = decoded.map_err(|source| DataError::Decode {
         origin: origin.to_string(),
         source,
     })?;
@@ -187,8 +195,8 @@ fn decode_all(
         for (h, part) in handles.into_iter().zip(jobs.chunks(chunk)) {
             match h.join() {
                 Ok(results) => out.extend::<Vec<_>>(results),
-                // A decoder panic (a bug in a dependency) is reported against the chunk's first
-                // file rather than taking the process down.
+                // Decoder panics are caught per file in `decode_image`; should a thread still
+                // die, the chunk's first file is reported rather than taking the process down.
                 Err(_) => {
                     let origin = tree.origin(&part[0].0);
                     out.push(Err(DataError::Decode {
