@@ -90,8 +90,9 @@ pub struct Imported {
     /// The normaliser in `values` (`net.normalizer.{mean,std}`).
     pub normalizer: Normalizer,
     pub normalizer_source: NormalizerSource,
-    /// For each plan tensor, the file key(s) it was read from (several for a shared conv and
-    /// for a DVERGE tensor copied to every candidate is one key).
+    /// For each plan tensor, the file key(s) it was read from: n keys for a shared conv (the
+    /// checked copies), one key otherwise (with the DVERGE layout, the same key feeds every
+    /// candidate).
     pub sources: BTreeMap<String, Vec<String>>,
     /// File keys deliberately skipped (the authors' gate parameters `AP_path_alpha`,
     /// `AP_path_wb`).

@@ -13,9 +13,9 @@
 //!
 //! Why not a pickle crate: candle's `candle_core::pickle` reads only the zip format and
 //! allocates a string's stated length before reading it (`vec![0u8; len]` from a fuzzed u32)
-//! and clones memoised objects; `serde-pickle` has no persistent ids; `repugnant-pickle` is an
-//! unversioned 0.0.1. The hand-written reader is about 400 lines, never recurses, and is linear
-//! in memory in the input length.
+//! and clones memoised objects; `serde-pickle` has no persistent ids; `repugnant-pickle` (0.0.1)
+//! calls itself "low effort scraping". The hand-written reader ([`pickle`], about 450 lines) never recurses and
+//! uses memory linear in the input length.
 //!
 //! # Importing ([`import_state_dict`])
 //! Two key layouts, detected from the names (or forced with [`ImportOptions::layout`]):
