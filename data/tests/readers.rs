@@ -420,7 +420,8 @@ fn debian_fashion_mnist_when_installed() {
         );
         return;
     }
-    let c = eio_spec::Preset::Quick.config().unwrap();
+    let mut c = eio_spec::Preset::Quick.config().unwrap();
+    c.data.train_limit = None;
     let s = load(&c, &Seeds::new(0)).unwrap();
     assert_eq!(s.train.len() + s.validation.len(), 60_000);
     assert_eq!(s.validation.len(), c.data.validation);
