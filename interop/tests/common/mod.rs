@@ -25,10 +25,12 @@ pub fn official_checkpoint() -> Result<PathBuf, String> {
     }
 }
 
-/// Prints a visible skip line.
+/// Prints `skipped: <test>: <reason>` straight to stderr, past the test harness's capture, so
+/// it shows in a plain `cargo test`.
 pub fn skip(test: &str, reason: &str) {
-    println!("skipped: {test}: {reason}");
-    eprintln!("skipped: {test}: {reason}");
+    use std::io::Write;
+    let line = format!("\nskipped: {test}: {reason}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// A pickle protocol 2 writer for exactly what torch.save emits.
