@@ -414,9 +414,12 @@ fn cifar10_folder_with_cifar100_files_is_not_found() {
 fn debian_fashion_mnist_when_installed() {
     let dir = std::path::Path::new("/usr/share/datasets/fashion-mnist");
     if !dir.is_dir() {
-        println!(
-            "skipped: {} absent (apt-get install dataset-fashion-mnist)",
-            dir.display()
+        skip(
+            "debian_fashion_mnist_when_installed",
+            &format!(
+                "{} absent (apt-get install dataset-fashion-mnist)",
+                dir.display()
+            ),
         );
         return;
     }

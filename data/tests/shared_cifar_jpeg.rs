@@ -2,6 +2,8 @@
 //! `$EIO_SHARED/data/cifar10-jpeg.tar.gz`, else `../shared/data/cifar10-jpeg.tar.gz` from the
 //! workspace root. Prints a `skipped:` line when absent.
 
+mod common;
+
 use std::path::PathBuf;
 
 use eio_data::*;
@@ -19,7 +21,10 @@ fn tarball() -> Option<PathBuf> {
 #[test]
 fn cifar10_jpeg_tarball() {
     let Some(path) = tarball() else {
-        println!("skipped: cifar10-jpeg.tar.gz not found (set EIO_SHARED or place ../shared next to the workspace)");
+        common::skip(
+            "cifar10_jpeg_tarball",
+            "cifar10-jpeg.tar.gz not found (set EIO_SHARED or place ../shared next to the workspace)",
+        );
         return;
     };
     // Through `load`, as the binary does: dataset cifar10 with a path to an image-folder

@@ -341,3 +341,10 @@ fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// Prints `skipped: <test>: <reason>` straight to stderr, past the test harness's capture, so
+/// it shows in a plain `cargo test`.
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("\nskipped: {test}: {reason}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
