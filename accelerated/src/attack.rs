@@ -7,7 +7,7 @@ use eio_spec::{Path, Plan};
 use rand::Rng;
 
 use crate::distill::{project, random_start};
-use crate::model::{backward, logits};
+use crate::model::{input_gradient, logits};
 use crate::ops;
 use crate::state::ModelState;
 
@@ -68,8 +68,10 @@ fn path_loss_grad(
 ) -> Result<(Tensor, Tensor)> {
     let (z, trace) = logits(plan, state, path, x, mode)?;
     let (l, g) = loss_of(&z, labels, loss, kappa)?;
-    let grads = backward(plan, state, &trace, &[(plan.logits(), g)])?;
-    Ok((l, grads.input.expect("the pass starts at the input")))
+    Ok((
+        l,
+        input_gradient(plan, state, &trace, &[(plan.logits(), g)])?,
+    ))
 }
 
 impl Target<'_> {
@@ -103,8 +105,8 @@ impl Target<'_> {
                 let member_grads = ops::log_mean_softmax_backward(&zs, ENSEMBLE_PROB_FLOOR, &g)?;
                 let mut total = x.zeros_like()?;
                 for ((m, (_, trace)), g) in members.iter().zip(&outs).zip(member_grads) {
-                    let grads = backward(m.plan, m.state, trace, &[(m.plan.logits(), g)])?;
-                    total = (total + grads.input.expect("the pass starts at the input"))?;
+                    let grad = input_gradient(m.plan, m.state, trace, &[(m.plan.logits(), g)])?;
+                    total = (total + grad)?;
                 }
                 Ok((l, total))
             }
@@ -224,9 +226,7 @@ pub fn pgd_train_mode<R: Rng + ?Sized>(
         let (z, trace) = logits(plan, state, path, &adv, BnMode::Train)?;
         state.commit(&trace);
         let (_, g) = loss_of(&z, labels, settings.loss, settings.cw_kappa)?;
-        let grad = backward(plan, state, &trace, &[(plan.logits(), g)])?
-            .input
-            .expect("the pass starts at the input");
+        let grad = input_gradient(plan, state, &trace, &[(plan.logits(), g)])?;
         adv = project(
             &(adv + (ops::sign(&grad)? * settings.step_size)?)?,
             x,

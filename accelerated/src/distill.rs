@@ -6,7 +6,7 @@ use eio_spec::config::DistillConfig;
 use eio_spec::{Path, Plan};
 use rand::Rng;
 
-use crate::model::{backward, forward};
+use crate::model::{forward, input_gradient};
 use crate::ops;
 use crate::state::ModelState;
 
@@ -72,9 +72,7 @@ pub fn eq2_distill<R: Rng + ?Sized>(
         state.commit(&target);
         let (loss, grad) = ops::mse(source.output(feature), target.output(feature))?;
         losses.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
-        let grad = backward(plan, state, &source, &[(feature, grad)])?
-            .input
-            .expect("the pass starts at the input");
+        let grad = input_gradient(plan, state, &source, &[(feature, grad)])?;
         let direction = if config.momentum {
             let l1 = grad
                 .abs()?

@@ -201,7 +201,8 @@ pub fn logits(
     Ok((trace.last().clone(), trace))
 }
 
-/// Back-propagates `seeds` (dL/d(output) at nodes) through the pass in `trace`.
+/// Back-propagates `seeds` (dL/d(output) at nodes) through the pass in `trace`: every
+/// parameter gradient and dL/d(input).
 ///
 /// # Errors
 /// On a device error.
@@ -213,6 +214,38 @@ pub fn backward(
     state: &ModelState,
     trace: &Trace,
     seeds: &[(NodeId, Tensor)],
+) -> Result<Gradients> {
+    propagate(plan, state, trace, seeds, true)
+}
+
+/// dL/d(input) of `seeds` back-propagated through the pass in `trace`, without the
+/// parameter gradients (what PGD and Eq. 2 need). The same traversal and the same dL/dx
+/// kernels as [`backward`], so the value is identical to `backward(..).input`.
+///
+/// # Errors
+/// On a device error.
+///
+/// # Panics
+/// If a seed's node was not computed by the pass, or no seed reaches the input.
+pub fn input_gradient(
+    plan: &Plan,
+    state: &ModelState,
+    trace: &Trace,
+    seeds: &[(NodeId, Tensor)],
+) -> Result<Tensor> {
+    Ok(propagate(plan, state, trace, seeds, false)?
+        .input
+        .expect("the pass starts at the input"))
+}
+
+/// The backward traversal of [`backward`] (`with_params`) and [`input_gradient`] (not
+/// `with_params`: only dL/dx of each op, [`Gradients::params`] stays empty).
+fn propagate(
+    plan: &Plan,
+    state: &ModelState,
+    trace: &Trace,
+    seeds: &[(NodeId, Tensor)],
+    with_params: bool,
 ) -> Result<Gradients> {
     let last = trace.outputs.len() - 1;
     let mut node_grads: Vec<Option<Tensor>> = vec![None; last + 1];
@@ -253,18 +286,28 @@ pub fn backward(
                 ..
             } => {
                 let name = weight.select(path);
-                let (gx, gw) =
-                    ops::conv2d_backward(x(0), state.tensor(name), &g, *stride, *padding)?;
-                grads.accumulate(name, gw)?;
+                let w = state.tensor(name);
+                let gx = if with_params {
+                    let (gx, gw) = ops::conv2d_backward(x(0), w, &g, *stride, *padding)?;
+                    grads.accumulate(name, gw)?;
+                    gx
+                } else {
+                    ops::conv2d_backward_input(x(0), w, &g, *stride, *padding)?
+                };
                 add(&mut node_grads[input(0)], gx)?;
             }
             Op::BatchNorm { params, .. } => {
                 let names = params.select(path);
                 let saved = &trace.bn[&id];
-                let (gx, gg, gb) =
-                    ops::batch_norm_backward(state.tensor(&names.weight), saved, &g, train)?;
-                grads.accumulate(&names.weight, gg)?;
-                grads.accumulate(&names.bias, gb)?;
+                let gamma = state.tensor(&names.weight);
+                let gx = if with_params {
+                    let (gx, gg, gb) = ops::batch_norm_backward(gamma, saved, &g, train)?;
+                    grads.accumulate(&names.weight, gg)?;
+                    grads.accumulate(&names.bias, gb)?;
+                    gx
+                } else {
+                    ops::batch_norm_backward_input(gamma, saved, &g, train)?
+                };
                 add(&mut node_grads[input(0)], gx)?;
             }
             Op::Relu => add(&mut node_grads[input(0)], ops::relu_backward(x(0), &g)?)?,
@@ -287,9 +330,15 @@ pub fn backward(
             Op::Flatten => add(&mut node_grads[input(0)], g.reshape(x(0).dims())?)?,
             Op::Linear { params, .. } => {
                 let names = params.select(path);
-                let (gx, gw, gb) = ops::linear_backward(x(0), state.tensor(&names.weight), &g)?;
-                grads.accumulate(&names.weight, gw)?;
-                grads.accumulate(&names.bias, gb)?;
+                let w = state.tensor(&names.weight);
+                let gx = if with_params {
+                    let (gx, gw, gb) = ops::linear_backward(x(0), w, &g)?;
+                    grads.accumulate(&names.weight, gw)?;
+                    grads.accumulate(&names.bias, gb)?;
+                    gx
+                } else {
+                    ops::linear_backward_input(w, &g)?
+                };
                 add(&mut node_grads[input(0)], gx)?;
             }
         }

@@ -108,6 +108,24 @@ pub fn conv2d_backward<T: Real>(
     Ok((tensor(dx, x.dims())?, tensor(dw, w.dims())?))
 }
 
+/// See [`super::stock::conv2d_backward_input`]: the dL/dx half of [`conv2d_backward`].
+pub fn conv2d_backward_input<T: Real>(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let g = geometry(x, w, stride, padding)?;
+    check_grad(&g, grad)?;
+    let mut dx = vec![T::zero(); g.n * g.c_in * g.h * g.w];
+    with2(w, grad, |w, dy| {
+        k::conv2d_backward_input(&g, w, dy, &mut dx);
+        Ok(())
+    })?;
+    tensor(dx, x.dims())
+}
+
 fn check_grad(g: &ConvGeom, grad: &Tensor) -> Result<()> {
     let want = [g.n, g.c_out, g.out_h(), g.out_w()];
     if grad.dims() != want {
@@ -182,10 +200,44 @@ pub fn batch_norm_backward<T: Real>(
     grad: &Tensor,
     train: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = grad.dim(1)?;
+    let (grad_x, sums) = batch_norm_backward_impl::<T>(gamma, saved, grad, train, true)?;
+    let (sum_g, sum_gx) = sums.expect("asked for the parameter gradients");
+    Ok((
+        grad_x,
+        tensor(to_real::<T>(&sum_gx), &[c])?,
+        tensor(to_real::<T>(&sum_g), &[c])?,
+    ))
+}
+
+/// See [`super::stock::batch_norm_backward_input`]: dL/dx only. Eval mode skips the pass
+/// over the gradient that only dL/dγ and dL/dβ need.
+pub fn batch_norm_backward_input<T: Real>(
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    Ok(batch_norm_backward_impl::<T>(gamma, saved, grad, train, false)?.0)
+}
+
+/// Per-channel (Σ g, Σ g·x̂) of a BatchNorm backward: dL/dβ and dL/dγ, in f64.
+type BnSums = (Vec<f64>, Vec<f64>);
+
+/// dL/dx of BatchNorm and, when `params` is set, the per-channel sums (Σ g, Σ g·x̂) that are
+/// dL/dβ and dL/dγ. The sums are computed whenever dx needs them (train mode) or `params`
+/// is set; dx is the same kernel call either way.
+fn batch_norm_backward_impl<T: Real>(
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+    params: bool,
+) -> Result<(Tensor, Option<BnSums>)> {
     let (n, c, h, w) = grad.dims4()?;
     let count = (n * h * w) as f64;
-    let (grad_x, sum_g, sum_gx) = with2(grad, &saved.x_hat, |g, xh| {
-        let (sum_g, sum_gx) = k::batch_norm_grad_sums(g, xh, c, h * w);
+    let (grad_x, sums) = with2(grad, &saved.x_hat, |g, xh| {
+        let sums = (train || params).then(|| k::batch_norm_grad_sums(g, xh, c, h * w));
         let scale = with2(gamma, &saved.inv_std, |gamma: &[T], inv_std| {
             Ok(gamma
                 .iter()
@@ -193,23 +245,18 @@ pub fn batch_norm_backward<T: Real>(
                 .map(|(&g, &s)| g * s)
                 .collect::<Vec<T>>())
         })?;
-        let (a, b) = if train {
-            (
+        let (a, b) = match (&sums, train) {
+            (Some((sum_g, sum_gx)), true) => (
                 sum_g.iter().map(|s| T::from_f64(s / count)).collect(),
                 sum_gx.iter().map(|s| T::from_f64(s / count)).collect(),
-            )
-        } else {
-            (vec![T::zero(); c], vec![T::zero(); c])
+            ),
+            _ => (vec![T::zero(); c], vec![T::zero(); c]),
         };
         let mut dx = vec![T::zero(); g.len()];
         k::batch_norm_backward_input(g, xh, &scale, &a, &b, h * w, &mut dx);
-        Ok((dx, sum_g, sum_gx))
+        Ok((dx, sums))
     })?;
-    Ok((
-        tensor(grad_x, grad.dims())?,
-        tensor(to_real::<T>(&sum_gx), &[c])?,
-        tensor(to_real::<T>(&sum_g), &[c])?,
-    ))
+    Ok((tensor(grad_x, grad.dims())?, sums.filter(|_| params)))
 }
 
 /// See [`super::stock::relu_backward`].
@@ -277,6 +324,23 @@ pub fn linear_backward<T: Real>(
     ))
 }
 
+/// See [`super::stock::linear_backward_input`].
+pub fn linear_backward_input<T: Real>(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let (n, f_out) = grad.dims2()?;
+    let (f_out_w, f_in) = w.dims2()?;
+    if f_out != f_out_w {
+        bail!(
+            "linear backward: weight {:?}, gradient {:?}",
+            w.dims(),
+            grad.dims()
+        );
+    }
+    let dx = with2(w, grad, |w: &[T], g| {
+        Ok(k::linear_backward_input(w, g, (n, f_in, f_out)))
+    })?;
+    tensor(dx, &[n, f_in])
+}
+
 #[cfg(test)]
 mod tests {
     //! Every CPU kernel against its stock-candle namesake on seeded random inputs: f64 to
@@ -323,6 +387,22 @@ mod tests {
         }
     }
 
+    /// Bit-identical values (the input-only backward ops against the full ones).
+    #[track_caller]
+    fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shape");
+        let bits = |t: &Tensor| -> Vec<u64> {
+            t.to_dtype(DType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f64>())
+                .expect("host values")
+                .into_iter()
+                .map(f64::to_bits)
+                .collect()
+        };
+        assert!(bits(got) == bits(want), "{what}: not bit-identical");
+    }
+
     fn run<T: Real>(dtype: DType) {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         // (n, c_in, size, c_out, k, stride, padding): 3x3 and 1x1, stride 1 and 2 (even and odd
@@ -356,6 +436,16 @@ mod tests {
             let (sdx, sdw) = stock::conv2d_backward(&x, &w, &g, s, p).expect("stock backward");
             assert_close(&format!("{what} dL/dx"), &dx, &sdx);
             assert_close(&format!("{what} dL/dw"), &dw, &sdw);
+            assert_same(
+                &format!("{what} dL/dx alone"),
+                &conv2d_backward_input::<T>(&x, &w, &g, s, p).expect("cpu dx"),
+                &dx,
+            );
+            assert_same(
+                &format!("{what} stock dL/dx alone"),
+                &stock::conv2d_backward_input(&x, &w, &g, s, p).expect("stock dx"),
+                &sdx,
+            );
         }
         // A strided view as input: made contiguous first.
         let x = random(&[3, 2, 6, 6], dtype, &mut rng)
@@ -401,6 +491,16 @@ mod tests {
                 assert_close(&format!("{what} dL/dx"), &dx, &sdx);
                 assert_close(&format!("{what} dL/dgamma"), &dg, &sdg);
                 assert_close(&format!("{what} dL/dbeta"), &db, &sdb);
+                assert_same(
+                    &format!("{what} dL/dx alone"),
+                    &batch_norm_backward_input::<T>(&gamma, &saved, &g, train).expect("cpu"),
+                    &dx,
+                );
+                assert_same(
+                    &format!("{what} stock dL/dx alone"),
+                    &stock::batch_norm_backward_input(&gamma, &ssaved, &g, train).expect("stock"),
+                    &sdx,
+                );
             }
         }
 
@@ -441,6 +541,16 @@ mod tests {
             assert_close(&format!("{what} dL/dx"), &got.0, &want.0);
             assert_close(&format!("{what} dL/dW"), &got.1, &want.1);
             assert_close(&format!("{what} dL/db"), &got.2, &want.2);
+            assert_same(
+                &format!("{what} dL/dx alone"),
+                &linear_backward_input::<T>(&w, &g).expect("cpu dx"),
+                &got.0,
+            );
+            assert_same(
+                &format!("{what} stock dL/dx alone"),
+                &stock::linear_backward_input(&w, &g).expect("stock dx"),
+                &want.0,
+            );
         }
     }
 

@@ -455,16 +455,13 @@ pub fn linear<T: Real>(x: &[T], w: &[T], b: &[T], f_in: usize, y: &mut [T]) {
     }
 }
 
-/// Gradients of [`linear`]: `dx = g W` (`[N, F_in]`), `dW = gᵀ x` (`[F_out, F_in]`),
-/// `db = Σ_n g` (`[F_out]`).
-pub fn linear_backward<T: Real>(
-    x: &[T],
+/// dL/dx of [`linear`]: `dx = g W` (`[N, F_in]`).
+pub fn linear_backward_input<T: Real>(
     w: &[T],
     grad: &[T],
     (n, f_in, f_out): (usize, usize, usize),
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+) -> Vec<T> {
     let mut dx = vec![T::zero(); n * f_in];
-    let mut dw = vec![T::zero(); f_out * f_in];
     gemm_into(
         (n, f_in, f_out),
         &mut dx,
@@ -474,6 +471,19 @@ pub fn linear_backward<T: Real>(
         w,
         (f_in, 1),
     );
+    dx
+}
+
+/// Gradients of [`linear`]: `dx = g W` (`[N, F_in]`), `dW = gᵀ x` (`[F_out, F_in]`),
+/// `db = Σ_n g` (`[F_out]`).
+pub fn linear_backward<T: Real>(
+    x: &[T],
+    w: &[T],
+    grad: &[T],
+    (n, f_in, f_out): (usize, usize, usize),
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let dx = linear_backward_input(w, grad, (n, f_in, f_out));
+    let mut dw = vec![T::zero(); f_out * f_in];
     gemm_into(
         (f_out, f_in, n),
         &mut dw,

@@ -66,6 +66,18 @@ pub fn conv2d_backward(
     dispatch!(x, conv2d_backward(x, w, grad, stride, padding))
 }
 
+/// dL/dx of [`conv2d`] alone: the same value as the first output of [`conv2d_backward`]
+/// (the same kernel on the CPU, the same transposed convolution otherwise), without dL/dw.
+pub fn conv2d_backward_input(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    dispatch!(x, conv2d_backward_input(x, w, grad, stride, padding))
+}
+
 /// Per-channel `(x - mean[c]) / std[c]`.
 pub fn normalize(x: &Tensor, mean: &Tensor, std: &Tensor) -> Result<Tensor> {
     x.broadcast_sub(&per_channel(mean)?)?
@@ -136,6 +148,18 @@ pub fn batch_norm_backward(
     train: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     dispatch!(grad, batch_norm_backward(gamma, saved, grad, train))
+}
+
+/// dL/dx of [`batch_norm`] alone: the same value as the first output of
+/// [`batch_norm_backward`], without dL/dγ and dL/dβ (on the CPU, eval mode then skips the
+/// pass over the gradient that only those need).
+pub fn batch_norm_backward_input(
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    dispatch!(grad, batch_norm_backward_input(gamma, saved, grad, train))
 }
 
 /// max(x, 0).
@@ -219,6 +243,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Gradients of [`linear`]: (dL/dx = g W, dL/dW = gᵀ x, dL/db = Σ_n g).
 pub fn linear_backward(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     dispatch!(x, linear_backward(x, w, grad))
+}
+
+/// dL/dx of [`linear`] alone (`g W`): the first output of [`linear_backward`].
+pub fn linear_backward_input(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    dispatch!(grad, linear_backward_input(w, grad))
 }
 
 /// Row-wise log-softmax.

@@ -11,14 +11,14 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     x.conv2d(w, padding, stride, 1, 1)
 }
 
-/// Gradients of [`conv2d`]: (dL/dx, dL/dw).
-pub fn conv2d_backward(
+/// dL/dx of [`conv2d`] (the first half of [`conv2d_backward`]).
+pub fn conv2d_backward_input(
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
     stride: usize,
     padding: usize,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<Tensor> {
     let (_, _, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
     let (_, _, gh, gw) = grad.dims4()?;
@@ -27,7 +27,19 @@ pub fn conv2d_backward(
     let out_h = (gh - 1) * stride + kh - 2 * padding;
     let out_w = (gw - 1) * stride + kw - 2 * padding;
     assert_eq!(h - out_h, wd - out_w, "square output padding");
-    let grad_x = grad.conv_transpose2d(w, padding, h - out_h, stride, 1)?;
+    grad.conv_transpose2d(w, padding, h - out_h, stride, 1)
+}
+
+/// Gradients of [`conv2d`]: (dL/dx, dL/dw).
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let grad_x = conv2d_backward_input(x, w, grad, stride, padding)?;
     let grad_w = x
         .transpose(0, 1)?
         .conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?
@@ -79,17 +91,27 @@ pub fn batch_norm_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let grad_beta = grad.sum((0, 2, 3))?;
     let grad_gamma = (grad * &saved.x_hat)?.sum((0, 2, 3))?;
+    let grad_x = batch_norm_backward_input(gamma, saved, grad, train)?;
+    Ok((grad_x, grad_gamma, grad_beta))
+}
+
+/// dL/dx of [`batch_norm`] (the first output of [`batch_norm_backward`]).
+pub fn batch_norm_backward_input(
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
     let scale = per_channel(&(gamma * &saved.inv_std)?)?;
-    let grad_x = if train {
+    if train {
         let mean_g = grad.mean_keepdim((0, 2, 3))?;
         let mean_gx = (grad * &saved.x_hat)?.mean_keepdim((0, 2, 3))?;
         grad.broadcast_sub(&mean_g)?
             .sub(&saved.x_hat.broadcast_mul(&mean_gx)?)?
-            .broadcast_mul(&scale)?
+            .broadcast_mul(&scale)
     } else {
-        grad.broadcast_mul(&scale)?
-    };
-    Ok((grad_x, grad_gamma, grad_beta))
+        grad.broadcast_mul(&scale)
+    }
 }
 
 /// dL/dx of [`relu`]: g where x > 0, else 0.
@@ -104,5 +126,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Gradients of [`linear`]: (dL/dx, dL/dW, dL/db).
 pub fn linear_backward(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    Ok((grad.matmul(w)?, grad.t()?.matmul(x)?, grad.sum(0)?))
+    Ok((
+        linear_backward_input(w, grad)?,
+        grad.t()?.matmul(x)?,
+        grad.sum(0)?,
+    ))
+}
+
+/// dL/dx of [`linear`]: g W.
+pub fn linear_backward_input(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    grad.matmul(w)
 }

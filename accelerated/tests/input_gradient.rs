@@ -1,0 +1,141 @@
+//! `model::input_gradient` (the input-only backward of PGD and Eq. 2) against
+//! `model::backward(..).input`: bit-identical, in f64 and f32, train and eval mode, with seeds
+//! at the logits and at a distillation feature, on a ResNet-8 whose plan has stride-2 convs
+//! and 1x1 shortcut convs.
+
+use candle_core::{DType, Device, Tensor};
+use eio_accelerated::model::{backward, forward, input_gradient};
+use eio_accelerated::ops;
+use eio_accelerated::state::ModelState;
+use eio_spec::config::{BnMode, Preset};
+use eio_spec::plan::{FeatureSite, Op, Plan};
+use eio_spec::rng::Seeds;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn small_plan() -> Plan {
+    let config = Preset::Official
+        .config()
+        .and_then(|c| {
+            c.with_overrides(&[
+                "model.depth=8",
+                "model.width=0.25",
+                "model.input_size=8",
+                "model.n=2",
+                "model.classes=5",
+            ])
+        })
+        .expect("a valid small config");
+    let plan = Plan::build(&config.model).expect("a valid small ResNet");
+    let convs: Vec<(usize, usize)> = plan
+        .nodes
+        .iter()
+        .filter_map(|node| match &node.op {
+            Op::Conv { kernel, stride, .. } => Some((*kernel, *stride)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        convs.contains(&(3, 2)),
+        "the plan has a stride-2 3x3 conv: {convs:?}"
+    );
+    assert!(
+        convs.contains(&(1, 2)),
+        "the plan has a stride-2 1x1 shortcut conv: {convs:?}"
+    );
+    plan
+}
+
+fn random(dims: &[usize], lo: f64, hi: f64, dtype: DType, rng: &mut ChaCha8Rng) -> Tensor {
+    let len = dims.iter().product();
+    let values: Vec<f64> = (0..len).map(|_| rng.random_range(lo..hi)).collect();
+    Tensor::from_vec(values, dims, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .expect("host tensor")
+}
+
+/// The values of `t` as the bit patterns of their f64 widening (exact for f32).
+fn bits(t: &Tensor) -> Vec<u64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("host values")
+        .into_iter()
+        .map(f64::to_bits)
+        .collect()
+}
+
+fn check(dtype: DType) {
+    let plan = small_plan();
+    let state =
+        ModelState::init(&plan, &Seeds::new(11), 0, &Device::Cpu, dtype).expect("initial state");
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let images = random(&[4, 3, 8, 8], 0.0, 1.0, dtype, &mut rng);
+    let space = plan.path_space();
+    for mode in [BnMode::Train, BnMode::Eval] {
+        for _ in 0..2 {
+            let path = space.sample(&mut rng);
+            // A full pass seeded at the logits (PGD), and passes stopped at each layer's
+            // feature (Eq. 2).
+            let mut ends = vec![plan.logits()];
+            for l in 1..=plan.l() {
+                ends.push(plan.feature_node(l, FeatureSite::AfterRelu, true));
+                ends.push(plan.feature_node(l, FeatureSite::BeforeRelu, false));
+            }
+            for end in ends {
+                let trace =
+                    forward(&plan, &state, &path, &images, mode, end).expect("forward pass");
+                let seed = random(trace.last().dims(), -1.0, 1.0, dtype, &mut rng);
+                let seeds = [(end, seed)];
+                let full = backward(&plan, &state, &trace, &seeds)
+                    .expect("backward")
+                    .input
+                    .expect("the pass starts at the input");
+                let only = input_gradient(&plan, &state, &trace, &seeds).expect("input gradient");
+                let what = format!("{dtype:?} {mode:?} path {path:?} seed at node {end}");
+                assert_eq!(only.dims(), full.dims(), "{what}: shape");
+                assert_eq!(only.dtype(), dtype, "{what}: dtype");
+                assert!(
+                    bits(&only) == bits(&full),
+                    "{what}: input_gradient differs from backward(..).input"
+                );
+                assert!(
+                    bits(&full).iter().any(|&b| f64::from_bits(b) != 0.0),
+                    "{what}: a non-trivial gradient"
+                );
+            }
+        }
+    }
+    // The ops alone, with two seeds (a sum at the input node as in the ensemble).
+    let path = space.sample(&mut rng);
+    let trace = forward(&plan, &state, &path, &images, BnMode::Eval, plan.logits()).expect("pass");
+    let (_, g) = ops::cross_entropy(
+        trace.last(),
+        &Tensor::new(&[0u32, 1, 2, 3], &Device::Cpu).expect("labels"),
+    )
+    .expect("loss");
+    let mid = plan.feature_node(2, FeatureSite::AfterRelu, true);
+    let seeds = [
+        (plan.logits(), g),
+        (
+            mid,
+            random(trace.output(mid).dims(), -1.0, 1.0, dtype, &mut rng),
+        ),
+    ];
+    let full = backward(&plan, &state, &trace, &seeds)
+        .expect("backward")
+        .input
+        .expect("input");
+    let only = input_gradient(&plan, &state, &trace, &seeds).expect("input gradient");
+    assert!(bits(&only) == bits(&full), "{dtype:?}: two seeds");
+}
+
+#[test]
+fn input_gradient_equals_backward_input_f64() {
+    check(DType::F64);
+}
+
+#[test]
+fn input_gradient_equals_backward_input_f32() {
+    check(DType::F32);
+}
