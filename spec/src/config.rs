@@ -158,6 +158,10 @@ pub struct DataConfig {
     pub augment: bool,
     /// Zero padding of the random crop. Default 4.
     pub crop_padding: usize,
+    /// Train on a seeded subset of this many training images (after the validation hold-out;
+    /// the held-out images do not change), for quick demos. A limit above the number of
+    /// training images uses them all. Default unset (every training image).
+    pub train_limit: Option<usize>,
 }
 
 impl Default for DataConfig {
@@ -168,6 +172,7 @@ impl Default for DataConfig {
             validation: 10_000,
             augment: true,
             crop_padding: 4,
+            train_limit: None,
         }
     }
 }
@@ -730,6 +735,9 @@ impl Config {
         let d = &self.data;
         if d.crop_padding > 64 {
             v.fail("data.crop_padding", d.crop_padding, "must be <= 64");
+        }
+        if let Some(limit) = d.train_limit {
+            v.at_least("data.train_limit", limit, 1);
         }
 
         let t = &self.train;

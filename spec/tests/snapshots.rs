@@ -97,6 +97,8 @@ const BAD_CONFIGS: &[&str] = &[
     "[eval]\nlosses = [\"ce\", \"l2\"]",
     "seed = -1",
     "[model\nn = 2",
+    // Later additions go last, so the numbers of the cases above stay put.
+    "[data]\ntrain_limit = 0",
 ];
 
 #[test]
