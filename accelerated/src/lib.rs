@@ -19,6 +19,7 @@ pub mod experiment;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod pytorch;
 pub mod state;
 pub mod train;
 

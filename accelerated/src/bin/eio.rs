@@ -41,6 +41,50 @@ enum Command {
     Eval(EvalArgs),
     /// The whole pipeline of a config: baseline, EIO, derive, evaluate, report.md.
     Run(RunArgs),
+    /// Import a PyTorch checkpoint (the authors' released RGN, a DVERGE ResNet state dict).
+    Import(ImportArgs),
+    /// Export a model under PyTorch names as safetensors (DVERGE's ResNet or the authors' RGN).
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// A PyTorch checkpoint: legacy or zip serialization (or safetensors).
+    file: PathBuf,
+    /// The eio checkpoint to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Architecture: resnet20, resnet32, ... (ResNet-(6k+2)).
+    #[arg(long, default_value = "resnet20")]
+    arch: String,
+    /// How candidates share weights: shared-conv (the authors' release) or independent.
+    #[arg(long, default_value = "shared-conv")]
+    sharing: String,
+    /// The config the model belongs to (default: the `official` preset).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Take model.mean / model.std from the file instead of checking them against the config.
+    #[arg(long)]
+    normalizer_from_file: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// An eio checkpoint or model.
+    checkpoint: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// For an RGN: the path to export as DVERGE's ResNet.
+    #[arg(long, conflicts_with = "authors")]
+    path: Option<String>,
+    /// Export the whole RGN under the authors' `net.model.*` keys.
+    #[arg(long)]
+    authors: bool,
 }
 
 #[derive(Args)]
@@ -201,6 +245,8 @@ fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Derive(a) => derive_cmd(a, &interrupt)?,
         Command::Eval(a) => eval_cmd(a)?,
         Command::Run(a) => run_cmd(a, &interrupt)?,
+        Command::Import(a) => import_cmd(a)?,
+        Command::Export(a) => export_cmd(a)?,
     };
     Ok(if finished {
         std::process::ExitCode::SUCCESS
@@ -599,5 +645,67 @@ fn run_cmd(a: RunArgs, interrupt: &AtomicBool) -> Result<bool> {
         started.elapsed().as_secs_f64(),
         out.join("report.md").display()
     );
+    Ok(true)
+}
+
+fn import_cmd(a: ImportArgs) -> Result<bool> {
+    let (device, dtype) = engine(&a.common)?;
+    let base = match &a.config {
+        Some(path) => Config::load(path)?,
+        None => Preset::Official.config()?,
+    };
+    let depth = a
+        .arch
+        .strip_prefix("resnet")
+        .and_then(|d| d.parse::<usize>().ok())
+        .with_context(|| format!("--arch {:?}: expected resnetN, e.g. resnet20", a.arch))?;
+    let mut set = vec![
+        "model.arch=\"resnet\"".to_string(),
+        format!("model.depth={depth}"),
+        format!("model.sharing=\"{}\"", a.sharing),
+    ];
+    set.extend(a.set.iter().cloned());
+    let config = base.with_overrides(&set)?;
+    let (checkpoint, summary) =
+        eio_accelerated::pytorch::import(&a.file, &config, a.normalizer_from_file, &device, dtype)
+            .with_context(|| format!("importing {}", a.file.display()))?;
+    checkpoint.save(&a.out)?;
+    eprintln!(
+        "imported {} ({} layout, {} tensors{}{}) -> {}",
+        a.file.display(),
+        summary.layout,
+        summary.tensors,
+        if summary.ignored.is_empty() {
+            String::new()
+        } else {
+            format!(", skipped {}", summary.ignored.join(" "))
+        },
+        if summary.normalizer_from_file {
+            ", normaliser from the file"
+        } else {
+            ""
+        },
+        a.out.display()
+    );
+    Ok(true)
+}
+
+fn export_cmd(a: ExportArgs) -> Result<bool> {
+    let checkpoint = Checkpoint::load(&a.checkpoint, &Device::Cpu, None)
+        .with_context(|| format!("reading {}", a.checkpoint.display()))?;
+    let path = match &a.path {
+        Some(text) => Some(
+            checkpoint
+                .plan()?
+                .path_space()
+                .parse(text)
+                .with_context(|| format!("--path {text}"))?,
+        ),
+        None => None,
+    };
+    let bytes = eio_accelerated::pytorch::export(&checkpoint, path.as_ref(), a.authors)?;
+    eio_accelerated::checkpoint::write_atomically(&a.out, &bytes)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {}", a.out.display());
     Ok(true)
 }
