@@ -11,7 +11,8 @@
 //! clean step), `--iters N` (timed repetitions of every full-size measurement), `--warmup N`,
 //! `--pgd-batch N`, `--pgd-steps N`, `--ratio-iters N`, `--ratio-engines reference,f64,f32` (a
 //! subset, e.g. to profile one engine), `--ratio-full-clean` (the ratio of the clean step
-//! at the full size too), `--skip-full`, `--skip-ratio`, `--ops` (adds the op-class profile below).
+//! at the full size too), `--skip-ratio-cifar`, `--skip-full`, `--skip-ratio`, `--ops` (adds the
+//! op-class profile below).
 //!
 //! Two sections:
 //! * **full**: the accelerated engine on the official preset (ResNet-20, n = 2, p = 3,
@@ -20,12 +21,13 @@
 //!   (eps 0.03, step 0.006), as images per second (median over the timed repetitions).
 //! * **ratio**: a small config both engines can run (ResNet-8, width 0.5, 16x16, batch 16,
 //!   n = 2, p = 2, 3 distillation steps), on the CPU: the reference (f64) against the
-//!   accelerated engine in f64 and f32, on identical data, draws and random streams.
+//!   accelerated engine in f64 and f32, on identical data, draws and random streams; then the
+//!   same at CIFAR shape and full width (ResNet-8, 3x32x32, batch 32; 1 warm-up and at most 2
+//!   timed repetitions, the reference's EIO iteration takes about half a minute there).
 //! * **ops** (with `--ops`): where one clean training step spends its time, by op class. Each op
 //!   of one forward and backward pass along one path is re-run alone, with the arguments
-//!   `model::forward` / `model::backward` give it, and timed (median of repetitions); the
-//!   convolution backward is also split into its two candle calls (dL/dx, dL/dw) as
-//!   `ops::conv2d_backward` makes them. Run on the small config (CPU) and on the full one.
+//!   `model::forward` / `model::backward` give it, and timed (median of repetitions). Run on
+//!   the small config (CPU) and on the full one.
 
 use std::error::Error;
 use std::time::Instant;
@@ -59,6 +61,7 @@ struct Args {
     ratio_iters: usize,
     ratio_engines: String,
     ratio_full_clean: bool,
+    skip_ratio_cifar: bool,
     skip_full: bool,
     skip_ratio: bool,
     ops: bool,
@@ -76,6 +79,7 @@ fn parse_args() -> BenchResult<Args> {
         ratio_iters: 5,
         ratio_engines: "reference,f64,f32".into(),
         ratio_full_clean: false,
+        skip_ratio_cifar: false,
         skip_full: false,
         skip_ratio: false,
         ops: false,
@@ -99,6 +103,7 @@ fn parse_args() -> BenchResult<Args> {
             "--ratio-iters" => args.ratio_iters = value()?.parse()?,
             "--ratio-engines" => args.ratio_engines = value()?,
             "--ratio-full-clean" => args.ratio_full_clean = true,
+            "--skip-ratio-cifar" => args.skip_ratio_cifar = true,
             "--skip-full" => args.skip_full = true,
             "--skip-ratio" => args.skip_ratio = true,
             "--ops" => args.ops = true,
@@ -556,8 +561,28 @@ fn run_accelerated(
     Ok(out)
 }
 
+/// The second shared config: the small one at CIFAR shape and full width (ResNet-8, width 1,
+/// 3x32x32, batch 32), where the convolutions, not per-op overheads, dominate a step.
+fn cifar_config() -> BenchResult<Config> {
+    Ok(small_config()?.with_overrides(&[
+        "model.width=1",
+        "model.input_size=32",
+        "train.batch_size=32",
+    ])?)
+}
+
 fn ratio(args: &Args) -> BenchResult<()> {
     ratio_on("ratio", "small config", &small_config()?, None, true, args)?;
+    if !args.skip_ratio_cifar {
+        ratio_on(
+            "ratio-cifar",
+            "ResNet-8 at CIFAR shape",
+            &cifar_config()?,
+            Some(args.ratio_iters.min(2)),
+            true,
+            args,
+        )?;
+    }
     if args.ratio_full_clean {
         let official = Preset::Official
             .config()?
@@ -759,25 +784,9 @@ fn op_profile(
                     "conv fwd (conv2d)",
                     median_time(device, reps, || ops::conv2d(x(0), w, s, p))?,
                 );
-                // The two candle calls of ops::conv2d_backward, timed apart.
-                let (_, _, h, _) = x(0).dims4()?;
-                let (_, _, kh, _) = w.dims4()?;
-                let (_, _, gh, _) = g.dims4()?;
-                let out_pad = h - ((gh - 1) * s + kh - 2 * p);
                 record(
-                    "conv bwd dL/dx (conv_transpose2d)",
-                    median_time(device, reps, || g.conv_transpose2d(w, p, out_pad, s, 1))?,
-                );
-                record(
-                    "conv bwd dL/dw (conv2d over batch)",
-                    median_time(device, reps, || {
-                        x(0).transpose(0, 1)?
-                            .conv2d(&g.transpose(0, 1)?, p, 1, s, 1)?
-                            .transpose(0, 1)?
-                            .narrow(2, 0, kh)?
-                            .narrow(3, 0, kh)?
-                            .contiguous()
-                    })?,
+                    "conv bwd (dL/dx and dL/dw)",
+                    median_time(device, reps, || ops::conv2d_backward(x(0), w, g, s, p))?,
                 );
             }
             Op::BatchNorm { params, .. } => {
@@ -897,19 +906,14 @@ fn main() {
 
 fn run() -> BenchResult<()> {
     let args = parse_args()?;
+    // The engine's CPU kernels run on rayon's global pool (see eio_accelerated::ops).
     println!(
-        "eio engine bench: {} rayon threads (candle get_num_threads), avx {}, cuda build {}, RAYON_NUM_THREADS={}",
-        candle_core::utils::get_num_threads(),
+        "eio engine bench: {} rayon threads, avx {}, cuda build {}, RAYON_NUM_THREADS={}",
+        rayon::current_num_threads(),
         candle_core::utils::with_avx(),
         candle_core::utils::cuda_is_available(),
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
     );
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        println!(
-            "note: RAYON_NUM_THREADS is unset, so candle 0.11.1 counts physical cores by parsing \
-             /proc/cpuinfo on every CPU matmul (see BENCHMARKS.md); set it for faster CPU runs"
-        );
-    }
     if !args.skip_ratio {
         ratio(&args)?;
     }

@@ -3,13 +3,39 @@
 //! These are the same operations, with the same semantics and gradients, as
 //! `eio_reference::ops` and `eio_reference::loss` (which document each formula); the engine's
 //! passes ([`crate::model`], [`crate::distill`], [`crate::eio`], [`crate::attack`]) call only
-//! these functions. Today every function is written with stock candle ops, which run on the
-//! CPU and on CUDA. The GPU hot path of a later issue (cuDNN convolutions, fused BatchNorm and
-//! update kernels) replaces function bodies here, per device, without touching the passes.
+//! these functions. Each op picks its implementation per call from its tensors' device and
+//! dtype:
+//!
+//! * f32 / f64 on the CPU: the kernels of [`cpu_kernels`] (im2col + GEMM convolutions, fused
+//!   BatchNorm, ReLU and linear passes, parallel on rayon's pool) for the convolution,
+//!   BatchNorm, ReLU-backward and linear ops, which are nearly all of a step's time;
+//! * anything else (CUDA): the stock candle ops of [`stock`]. The GPU hot path of a later issue
+//!   (cuDNN convolutions, fused BatchNorm and update kernels) replaces that branch.
+//!
+//! The remaining ops are stock candle ops everywhere. No CPU op of the engine goes through
+//! candle's CPU matmul, whose `utils::get_num_threads` re-reads `/proc/cpuinfo` on every call
+//! in candle 0.11.1 unless `RAYON_NUM_THREADS` is set: the kernels size their parallelism from
+//! rayon's global pool (`RAYON_NUM_THREADS`, else the available parallelism), read once.
 //!
 //! Shapes: feature maps are NCHW, vectors `[N, F]`, per-channel tensors `[C]`.
 
-use candle_core::{DType, Result, Tensor, D};
+mod cpu;
+mod cpu_kernels;
+mod stock;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Runs `cpu::$op::<f32 | f64>` for f32 / f64 tensors on the CPU, `stock::$op` otherwise, as
+/// decided by the device and dtype of `$t`.
+macro_rules! dispatch {
+    ($t:expr, $op:ident($($arg:expr),* $(,)?)) => {
+        match ($t.device(), $t.dtype()) {
+            (Device::Cpu, DType::F32) => cpu::$op::<f32>($($arg),*),
+            (Device::Cpu, DType::F64) => cpu::$op::<f64>($($arg),*),
+            _ => stock::$op($($arg),*),
+        }
+    };
+}
 
 /// BatchNorm epsilon (PyTorch's default).
 pub const BN_EPS: f64 = 1e-5;
@@ -21,12 +47,15 @@ fn per_channel(t: &Tensor) -> Result<Tensor> {
     t.reshape((1, t.dim(0)?, 1, 1))
 }
 
-/// 2-D convolution without bias (`eio_reference::ops::conv2d`).
+/// 2-D convolution without bias (`eio_reference::ops::conv2d`):
+/// `y[n, o, i, j] = Σ_{c, u, v} w[o, c, u, v] · x[n, c, i·s + u − p, j·s + v − p]` (zero outside
+/// the image). CPU: im2col + GEMM per image ([`cpu_kernels::conv2d`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    x.conv2d(w, padding, stride, 1, 1)
+    dispatch!(x, conv2d(x, w, stride, padding))
 }
 
-/// Gradients of [`conv2d`]: (dL/dx, dL/dw).
+/// Gradients of [`conv2d`]: (dL/dx, dL/dw). CPU: `dX_n = col2im(Wᵀ dY_n)` and
+/// `dW = Σ_n dY_n cols(X_n)ᵀ`, each a GEMM per image ([`cpu_kernels`]).
 pub fn conv2d_backward(
     x: &Tensor,
     w: &Tensor,
@@ -34,21 +63,7 @@ pub fn conv2d_backward(
     stride: usize,
     padding: usize,
 ) -> Result<(Tensor, Tensor)> {
-    let (_, _, h, wd) = x.dims4()?;
-    let (_, _, kh, kw) = w.dims4()?;
-    let (_, _, gh, gw) = grad.dims4()?;
-    // The transposed convolution maps the gradient back onto the input; output_padding
-    // restores the rows a strided convolution dropped.
-    let out_h = (gh - 1) * stride + kh - 2 * padding;
-    let out_w = (gw - 1) * stride + kw - 2 * padding;
-    assert_eq!(h - out_h, wd - out_w, "square output padding");
-    let grad_x = grad.conv_transpose2d(w, padding, h - out_h, stride, 1)?;
-    let grad_w = x
-        .transpose(0, 1)?
-        .conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?
-        .transpose(0, 1)?;
-    let grad_w = grad_w.narrow(2, 0, kh)?.narrow(3, 0, kw)?.contiguous()?;
-    Ok((grad_x, grad_w))
+    dispatch!(x, conv2d_backward(x, w, grad, stride, padding))
 }
 
 /// Per-channel `(x - mean[c]) / std[c]`.
@@ -75,8 +90,9 @@ pub struct BnSaved {
     pub batch_var: Option<Tensor>,
 }
 
-/// BatchNorm2d forward. Train mode normalises with the batch mean and biased variance over
-/// (N, H, W); eval mode with `running_mean` / `running_var`.
+/// BatchNorm2d forward: `y = γ·x̂ + β`, `x̂ = (x − μ_c) / sqrt(σ²_c + eps)`. Train mode takes μ, σ²
+/// as the batch mean and biased variance over (N, H, W); eval mode `running_mean` /
+/// `running_var`. CPU: one statistics pass per channel and one fused normalise-and-scale pass.
 pub fn batch_norm(
     x: &Tensor,
     gamma: &Tensor,
@@ -85,27 +101,10 @@ pub fn batch_norm(
     running_var: &Tensor,
     train: bool,
 ) -> Result<(Tensor, BnSaved)> {
-    let (mean, var) = if train {
-        let mean = x.mean_keepdim((0, 2, 3))?;
-        let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
-        (mean.flatten_all()?, var.flatten_all()?)
-    } else {
-        (running_mean.clone(), running_var.clone())
-    };
-    let inv_std = (var.clone() + BN_EPS)?.sqrt()?.recip()?;
-    let x_hat = x
-        .broadcast_sub(&per_channel(&mean)?)?
-        .broadcast_mul(&per_channel(&inv_std)?)?;
-    let y = x_hat
-        .broadcast_mul(&per_channel(gamma)?)?
-        .broadcast_add(&per_channel(beta)?)?;
-    let saved = BnSaved {
-        x_hat,
-        inv_std,
-        batch_mean: train.then_some(mean),
-        batch_var: train.then_some(var),
-    };
-    Ok((y, saved))
+    dispatch!(
+        x,
+        batch_norm(x, gamma, beta, running_mean, running_var, train)
+    )
 }
 
 /// PyTorch's running-statistics update after a train-mode pass over `count` = N·H·W values:
@@ -126,27 +125,17 @@ pub fn batch_norm_running_update(
     Ok((new_mean, new_var))
 }
 
-/// Gradients of [`batch_norm`]: (dL/dx, dL/dγ, dL/dβ). Train mode back-propagates through the
-/// batch statistics: dx = γ·inv_std·(g − mean(g) − x̂·mean(g·x̂)).
+/// Gradients of [`batch_norm`]: (dL/dx, dL/dγ, dL/dβ), with dL/dγ = Σ g·x̂ and dL/dβ = Σ g over
+/// (N, H, W). Train mode back-propagates through the batch statistics:
+/// dx = γ·inv_std·(g − mean(g) − x̂·mean(g·x̂)); eval mode dx = γ·inv_std·g. CPU: one pass for
+/// both sums (which also give the two means), one for dx.
 pub fn batch_norm_backward(
     gamma: &Tensor,
     saved: &BnSaved,
     grad: &Tensor,
     train: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let grad_beta = grad.sum((0, 2, 3))?;
-    let grad_gamma = (grad * &saved.x_hat)?.sum((0, 2, 3))?;
-    let scale = per_channel(&(gamma * &saved.inv_std)?)?;
-    let grad_x = if train {
-        let mean_g = grad.mean_keepdim((0, 2, 3))?;
-        let mean_gx = (grad * &saved.x_hat)?.mean_keepdim((0, 2, 3))?;
-        grad.broadcast_sub(&mean_g)?
-            .sub(&saved.x_hat.broadcast_mul(&mean_gx)?)?
-            .broadcast_mul(&scale)?
-    } else {
-        grad.broadcast_mul(&scale)?
-    };
-    Ok((grad_x, grad_gamma, grad_beta))
+    dispatch!(grad, batch_norm_backward(gamma, saved, grad, train))
 }
 
 /// max(x, 0).
@@ -154,9 +143,9 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     x.relu()
 }
 
-/// dL/dx of [`relu`]: g where x > 0, else 0.
+/// dL/dx of [`relu`]: g where x > 0, else 0 (CPU: one fused pass).
 pub fn relu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    grad.mul(&x.gt(0.0)?.to_dtype(grad.dtype())?)
+    dispatch!(x, relu_backward(x, grad))
 }
 
 /// x for x > 0, slope·x otherwise.
@@ -224,12 +213,12 @@ pub fn global_avg_pool_backward(
 
 /// y = x Wᵀ + b.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    x.matmul(&w.t()?)?.broadcast_add(b)
+    dispatch!(x, linear(x, w, b))
 }
 
-/// Gradients of [`linear`]: (dL/dx, dL/dW, dL/db).
+/// Gradients of [`linear`]: (dL/dx = g W, dL/dW = gᵀ x, dL/db = Σ_n g).
 pub fn linear_backward(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    Ok((grad.matmul(w)?, grad.t()?.matmul(x)?, grad.sum(0)?))
+    dispatch!(x, linear_backward(x, w, grad))
 }
 
 /// Row-wise log-softmax.

@@ -1,0 +1,469 @@
+//! The CPU side of the op seam: borrows the host data of candle tensors, runs the kernels of
+//! [`super::cpu_kernels`] and wraps their output vectors as tensors (no copies). Each function
+//! has the semantics of its namesake in [`super::stock`]; [`super`] picks one per call.
+
+use candle_core::{bail, Device, Result, Storage, StorageRef, Tensor};
+
+use super::cpu_kernels::{self as k, ConvGeom, Real};
+use super::BnSaved;
+
+/// Read access to the host data of a contiguous CPU tensor.
+struct Host<'a> {
+    storage: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl Host<'_> {
+    fn slice<T: Real>(&self) -> Result<&[T]> {
+        match &*self.storage {
+            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<T>()?[self.start..self.end]),
+            _ => bail!("eio cpu kernels: tensor is not on the CPU"),
+        }
+    }
+}
+
+/// Borrows `t`'s host data; `t` must be contiguous (callers make it so).
+fn host(t: &Tensor) -> Result<Host<'_>> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("eio cpu kernels: tensor is not contiguous")
+    };
+    Ok(Host {
+        storage,
+        start,
+        end,
+    })
+}
+
+/// Runs `f` on the host data of `t` (made contiguous first if it is a strided view).
+fn with<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let h = host(&t)?;
+    f(h.slice::<T>()?)
+}
+
+/// Runs `f` on the host data of two tensors.
+fn with2<T: Real, R>(a: &Tensor, b: &Tensor, f: impl FnOnce(&[T], &[T]) -> Result<R>) -> Result<R> {
+    with(a, |a| with(b, |b| f(a, b)))
+}
+
+fn tensor<T: Real>(data: Vec<T>, dims: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(data, dims, &Device::Cpu)
+}
+
+fn to_real<T: Real>(v: &[f64]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f64(x)).collect()
+}
+
+fn geometry(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<ConvGeom> {
+    let (n, c_in, h, wd) = x.dims4()?;
+    let (c_out, c_in_w, kh, kw) = w.dims4()?;
+    if c_in != c_in_w || h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
+        bail!(
+            "conv2d: input {:?} does not fit kernel {:?} (stride {stride}, padding {padding})",
+            x.dims(),
+            w.dims()
+        );
+    }
+    Ok(ConvGeom {
+        n,
+        c_in,
+        h,
+        w: wd,
+        c_out,
+        kh,
+        kw,
+        stride,
+        padding,
+    })
+}
+
+/// See [`super::stock::conv2d`].
+pub fn conv2d<T: Real>(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let g = geometry(x, w, stride, padding)?;
+    let mut y = vec![T::zero(); g.n * g.c_out * g.out_h() * g.out_w()];
+    with2(x, w, |x, w| {
+        k::conv2d(&g, x, w, &mut y);
+        Ok(())
+    })?;
+    tensor(y, &[g.n, g.c_out, g.out_h(), g.out_w()])
+}
+
+/// See [`super::stock::conv2d_backward`].
+pub fn conv2d_backward<T: Real>(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<(Tensor, Tensor)> {
+    let g = geometry(x, w, stride, padding)?;
+    check_grad(&g, grad)?;
+    let mut dx = vec![T::zero(); g.n * g.c_in * g.h * g.w];
+    let dw = with2(w, grad, |w, dy| {
+        k::conv2d_backward_input(&g, w, dy, &mut dx);
+        with(x, |x| Ok(k::conv2d_backward_weight(&g, x, dy)))
+    })?;
+    Ok((tensor(dx, x.dims())?, tensor(dw, w.dims())?))
+}
+
+fn check_grad(g: &ConvGeom, grad: &Tensor) -> Result<()> {
+    let want = [g.n, g.c_out, g.out_h(), g.out_w()];
+    if grad.dims() != want {
+        bail!(
+            "conv2d backward: gradient {:?}, output is {want:?}",
+            grad.dims()
+        );
+    }
+    Ok(())
+}
+
+/// See [`super::stock::batch_norm`].
+pub fn batch_norm<T: Real>(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    train: bool,
+) -> Result<(Tensor, BnSaved)> {
+    let (_, c, h, w) = x.dims4()?;
+    let x = x.contiguous()?;
+    let hx = host(&x)?;
+    let xs = hx.slice::<T>()?;
+    let (mean, var) = if train {
+        k::batch_stats(xs, c, h * w)
+    } else {
+        (
+            with(running_mean, |m: &[T]| {
+                Ok(m.iter().map(|v| v.to_f64()).collect())
+            })?,
+            with(running_var, |v: &[T]| {
+                Ok(v.iter().map(|v| v.to_f64()).collect())
+            })?,
+        )
+    };
+    let inv_std: Vec<f64> = var
+        .iter()
+        .map(|v| 1.0 / (v + super::BN_EPS).sqrt())
+        .collect();
+    let (mean_t, inv_std_t) = (to_real::<T>(&mean), to_real::<T>(&inv_std));
+    let mut x_hat = vec![T::zero(); xs.len()];
+    let mut y = vec![T::zero(); xs.len()];
+    with2(gamma, beta, |gamma, beta| {
+        k::batch_norm_apply(
+            xs,
+            &mean_t,
+            &inv_std_t,
+            gamma,
+            beta,
+            h * w,
+            (&mut x_hat, &mut y),
+        );
+        Ok(())
+    })?;
+    let dims = x.dims();
+    let saved = BnSaved {
+        x_hat: tensor(x_hat, dims)?,
+        inv_std: tensor(inv_std_t, &[c])?,
+        batch_mean: train.then(|| tensor(mean_t, &[c])).transpose()?,
+        batch_var: train
+            .then(|| tensor(to_real::<T>(&var), &[c]))
+            .transpose()?,
+    };
+    Ok((tensor(y, dims)?, saved))
+}
+
+/// See [`super::stock::batch_norm_backward`].
+pub fn batch_norm_backward<T: Real>(
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, w) = grad.dims4()?;
+    let count = (n * h * w) as f64;
+    let (grad_x, sum_g, sum_gx) = with2(grad, &saved.x_hat, |g, xh| {
+        let (sum_g, sum_gx) = k::batch_norm_grad_sums(g, xh, c, h * w);
+        let scale = with2(gamma, &saved.inv_std, |gamma: &[T], inv_std| {
+            Ok(gamma
+                .iter()
+                .zip(inv_std)
+                .map(|(&g, &s)| g * s)
+                .collect::<Vec<T>>())
+        })?;
+        let (a, b) = if train {
+            (
+                sum_g.iter().map(|s| T::from_f64(s / count)).collect(),
+                sum_gx.iter().map(|s| T::from_f64(s / count)).collect(),
+            )
+        } else {
+            (vec![T::zero(); c], vec![T::zero(); c])
+        };
+        let mut dx = vec![T::zero(); g.len()];
+        k::batch_norm_backward_input(g, xh, &scale, &a, &b, h * w, &mut dx);
+        Ok((dx, sum_g, sum_gx))
+    })?;
+    Ok((
+        tensor(grad_x, grad.dims())?,
+        tensor(to_real::<T>(&sum_gx), &[c])?,
+        tensor(to_real::<T>(&sum_g), &[c])?,
+    ))
+}
+
+/// See [`super::stock::relu_backward`].
+pub fn relu_backward<T: Real>(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if x.dims() != grad.dims() {
+        bail!(
+            "relu backward: input {:?}, gradient {:?}",
+            x.dims(),
+            grad.dims()
+        );
+    }
+    let mut dx = vec![T::zero(); x.elem_count()];
+    with2(x, grad, |x, g| {
+        k::relu_backward(x, g, &mut dx);
+        Ok(())
+    })?;
+    tensor(dx, x.dims())
+}
+
+/// See [`super::stock::linear`].
+pub fn linear<T: Real>(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (n, f_in) = x.dims2()?;
+    let (f_out, f_in_w) = w.dims2()?;
+    if f_in != f_in_w || b.dims() != [f_out] {
+        bail!(
+            "linear: input {:?}, weight {:?}, bias {:?}",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
+    }
+    let mut y = vec![T::zero(); n * f_out];
+    with2(x, w, |x, w| {
+        with(b, |b| {
+            k::linear(x, w, b, f_in, &mut y);
+            Ok(())
+        })
+    })?;
+    tensor(y, &[n, f_out])
+}
+
+/// See [`super::stock::linear_backward`].
+pub fn linear_backward<T: Real>(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, f_in) = x.dims2()?;
+    let (f_out, _) = w.dims2()?;
+    if w.dims() != [f_out, f_in] || grad.dims() != [n, f_out] {
+        bail!(
+            "linear backward: input {:?}, weight {:?}, gradient {:?}",
+            x.dims(),
+            w.dims(),
+            grad.dims()
+        );
+    }
+    let (dx, dw, db) = with2(x, w, |x: &[T], w| {
+        with(grad, |g| Ok(k::linear_backward(x, w, g, (n, f_in, f_out))))
+    })?;
+    Ok((
+        tensor(dx, &[n, f_in])?,
+        tensor(dw, &[f_out, f_in])?,
+        tensor(db, &[f_out])?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every CPU kernel against its stock-candle namesake on seeded random inputs: f64 to
+    //! 1e-12, f32 to 1e-4 (relative to max(1, |expected|)).
+    use candle_core::DType;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::super::stock;
+    use super::*;
+
+    fn random(dims: &[usize], dtype: DType, rng: &mut ChaCha8Rng) -> Tensor {
+        let len = dims.iter().product();
+        let values: Vec<f64> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(values, dims, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("host tensor")
+    }
+
+    fn tolerance(dtype: DType) -> f64 {
+        if dtype == DType::F64 {
+            1e-12
+        } else {
+            1e-4
+        }
+    }
+
+    #[track_caller]
+    fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shape");
+        let tol = tolerance(want.dtype());
+        let flat = |t: &Tensor| -> Vec<f64> {
+            t.to_dtype(DType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .expect("host values")
+        };
+        for (i, (g, w)) in flat(got).iter().zip(flat(want)).enumerate() {
+            let err = (g - w).abs() / w.abs().max(1.0);
+            assert!(
+                err <= tol,
+                "{what}: element {i}: got {g}, want {w} (error {err:e} > {tol:e})"
+            );
+        }
+    }
+
+    fn run<T: Real>(dtype: DType) {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // (n, c_in, size, c_out, k, stride, padding): 3x3 and 1x1, stride 1 and 2 (even and odd
+        // sizes, so the strided gradient has rows the forward skipped), batch 1, 5x5 kernels.
+        let cases = [
+            (1, 3, 8, 4, 3, 1, 1),
+            (2, 4, 7, 6, 3, 2, 1),
+            (3, 4, 8, 5, 3, 2, 1),
+            (3, 5, 8, 4, 1, 2, 0),
+            (2, 5, 7, 4, 1, 2, 0),
+            (2, 6, 5, 3, 1, 1, 0),
+            (4, 2, 9, 3, 3, 2, 0),
+            (1, 1, 1, 2, 1, 1, 0),
+            (2, 3, 6, 2, 5, 1, 2),
+            (5, 8, 4, 16, 3, 1, 1),
+        ];
+        for (n, c_in, size, c_out, k, s, p) in cases {
+            let what = format!(
+                "conv n={n} c_in={c_in} {size}x{size} c_out={c_out} k={k} s={s} p={p} {dtype:?}"
+            );
+            let x = random(&[n, c_in, size, size], dtype, &mut rng);
+            let w = random(&[c_out, c_in, k, k], dtype, &mut rng);
+            let y = conv2d::<T>(&x, &w, s, p).expect("cpu conv2d");
+            assert_close(
+                &what,
+                &y,
+                &stock::conv2d(&x, &w, s, p).expect("stock conv2d"),
+            );
+            let g = random(y.dims(), dtype, &mut rng);
+            let (dx, dw) = conv2d_backward::<T>(&x, &w, &g, s, p).expect("cpu backward");
+            let (sdx, sdw) = stock::conv2d_backward(&x, &w, &g, s, p).expect("stock backward");
+            assert_close(&format!("{what} dL/dx"), &dx, &sdx);
+            assert_close(&format!("{what} dL/dw"), &dw, &sdw);
+        }
+        // A strided view as input: made contiguous first.
+        let x = random(&[3, 2, 6, 6], dtype, &mut rng)
+            .transpose(0, 1)
+            .expect("view");
+        let w = random(&[4, 3, 3, 3], dtype, &mut rng);
+        assert_close(
+            "conv of a transposed view",
+            &conv2d::<T>(&x, &w, 1, 1).expect("cpu conv2d"),
+            &stock::conv2d(&x, &w, 1, 1).expect("stock conv2d"),
+        );
+
+        for (n, c, size) in [(1, 3, 4), (4, 5, 3), (2, 2, 1), (16, 8, 16)] {
+            let what = format!("batchnorm n={n} c={c} {size}x{size} {dtype:?}");
+            // An offset and scale per channel, so the statistics are far from 0 and 1.
+            let x = (random(&[n, c, size, size], dtype, &mut rng) * 3.0)
+                .and_then(|t| t + 0.5)
+                .expect("x");
+            let gamma = random(&[c], dtype, &mut rng);
+            let beta = random(&[c], dtype, &mut rng);
+            let rm = random(&[c], dtype, &mut rng);
+            let rv = (random(&[c], dtype, &mut rng).abs().expect("abs") + 0.1).expect("rv");
+            for train in [true, false] {
+                let what = format!("{what} train={train}");
+                let (y, saved) = batch_norm::<T>(&x, &gamma, &beta, &rm, &rv, train).expect("cpu");
+                let (sy, ssaved) =
+                    stock::batch_norm(&x, &gamma, &beta, &rm, &rv, train).expect("stock");
+                assert_close(&format!("{what} y"), &y, &sy);
+                assert_close(&format!("{what} x_hat"), &saved.x_hat, &ssaved.x_hat);
+                assert_close(&format!("{what} inv_std"), &saved.inv_std, &ssaved.inv_std);
+                assert_eq!(saved.batch_mean.is_some(), train, "{what}: batch mean");
+                if let (Some(m), Some(sm)) = (&saved.batch_mean, &ssaved.batch_mean) {
+                    assert_close(&format!("{what} mean"), m, sm);
+                }
+                if let (Some(v), Some(sv)) = (&saved.batch_var, &ssaved.batch_var) {
+                    assert_close(&format!("{what} var"), v, sv);
+                }
+                let g = random(y.dims(), dtype, &mut rng);
+                let (dx, dg, db) =
+                    batch_norm_backward::<T>(&gamma, &saved, &g, train).expect("cpu backward");
+                let (sdx, sdg, sdb) =
+                    stock::batch_norm_backward(&gamma, &ssaved, &g, train).expect("stock");
+                assert_close(&format!("{what} dL/dx"), &dx, &sdx);
+                assert_close(&format!("{what} dL/dgamma"), &dg, &sdg);
+                assert_close(&format!("{what} dL/dbeta"), &db, &sdb);
+            }
+        }
+
+        // ReLU backward, with exact zeros in x (gradient 0 there) and sizes around the task split.
+        for len in [1, 7, 40_000] {
+            let x = random(&[len], dtype, &mut rng)
+                .relu()
+                .expect("x with exact zeros");
+            let zeros = x.le(0.0).and_then(|z| z.to_dtype(DType::F64)).expect("le");
+            let g = random(&[len], dtype, &mut rng);
+            let dx = relu_backward::<T>(&x, &g).expect("cpu relu backward");
+            assert_close(
+                &format!("relu backward len={len}"),
+                &dx,
+                &stock::relu_backward(&x, &g).expect("stock"),
+            );
+            let at_zero = (dx.to_dtype(DType::F64).expect("f64") * zeros)
+                .and_then(|t| t.abs())
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.to_scalar::<f64>())
+                .expect("sum");
+            assert_eq!(
+                at_zero, 0.0,
+                "relu backward len={len}: gradient where x <= 0"
+            );
+        }
+
+        for (n, f_in, f_out) in [(1, 1, 1), (3, 5, 2), (16, 64, 10)] {
+            let what = format!("linear n={n} {f_in}->{f_out} {dtype:?}");
+            let x = random(&[n, f_in], dtype, &mut rng);
+            let w = random(&[f_out, f_in], dtype, &mut rng);
+            let b = random(&[f_out], dtype, &mut rng);
+            let y = linear::<T>(&x, &w, &b).expect("cpu linear");
+            assert_close(&what, &y, &stock::linear(&x, &w, &b).expect("stock"));
+            let g = random(&[n, f_out], dtype, &mut rng);
+            let got = linear_backward::<T>(&x, &w, &g).expect("cpu");
+            let want = stock::linear_backward(&x, &w, &g).expect("stock");
+            assert_close(&format!("{what} dL/dx"), &got.0, &want.0);
+            assert_close(&format!("{what} dL/dW"), &got.1, &want.1);
+            assert_close(&format!("{what} dL/db"), &got.2, &want.2);
+        }
+    }
+
+    #[test]
+    fn cpu_kernels_match_stock_candle_f64() {
+        run::<f64>(DType::F64);
+    }
+
+    #[test]
+    fn cpu_kernels_match_stock_candle_f32() {
+        run::<f32>(DType::F32);
+    }
+
+    #[test]
+    fn kernels_reject_mismatched_shapes() {
+        let x = Tensor::zeros((2, 3, 5, 5), DType::F32, &Device::Cpu).expect("x");
+        let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu).expect("w");
+        assert!(conv2d::<f32>(&x, &w, 1, 1).is_err(), "channel mismatch");
+        let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &Device::Cpu).expect("w");
+        let g = Tensor::zeros((2, 4, 4, 4), DType::F32, &Device::Cpu).expect("g");
+        assert!(
+            conv2d_backward::<f32>(&x, &w, &g, 1, 1).is_err(),
+            "gradient of the wrong size"
+        );
+    }
+}

@@ -1,0 +1,491 @@
+//! CPU kernels over contiguous host slices, generic over [`Real`] (f32, f64), parallel over
+//! the batch (or channels) on rayon's global pool. No candle types beyond the element trait:
+//! [`super::cpu`] moves tensors in and out.
+//!
+//! Convolutions are im2col + one GEMM per image (the `gemm` crate candle itself uses), with the
+//! convolution of image n written as `Y_n = W · cols(X_n)`, where `W` is the weight viewed as
+//! `[C_out, K]`, `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches
+//! (zero where a tap falls in the padding). Its gradients are then two more GEMMs:
+//! `dX_n = col2im(Wᵀ · dY_n)` and `dW = Σ_n dY_n · cols(X_n)ᵀ`. A 1x1 convolution with
+//! stride 1 and no padding skips im2col (`cols(X_n) = X_n`).
+//!
+//! BatchNorm works on the `[N, C, H·W]` view of a map: per-channel sums in one (statistics:
+//! two) pass over the channel's N blocks, then one elementwise pass over all N·C blocks.
+
+use candle_core::WithDType;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// The element types the CPU kernels run on: f32 and f64 (what `gemm` and the engine support).
+pub trait Real: WithDType {}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// Elements below which an elementwise pass is not split across threads.
+const MIN_PARALLEL_ELEMS: usize = 1 << 14;
+
+/// Smallest number of `block`-long chunks one rayon task takes, so tasks have at least
+/// [`MIN_PARALLEL_ELEMS`] elements.
+fn min_blocks(block: usize) -> usize {
+    MIN_PARALLEL_ELEMS.div_ceil(block.max(1))
+}
+
+/// Images per rayon task of a batch of `n`: one contiguous range per thread, so each task
+/// allocates its im2col scratch once.
+fn images_per_task(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads()).max(1)
+}
+
+/// `dst ← lhs · rhs` (or `dst ← dst + lhs · rhs` with `accumulate`), single-threaded, where
+/// `dst` is row-major `[m, n]` and `lhs` (`[m, k]`) and `rhs` (`[k, n]`) are read with the given
+/// row and column strides (so either can be a transposed view).
+///
+/// # Panics
+/// If a stride reaches outside its slice.
+fn gemm_into<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n, "gemm dst too short");
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+        "gemm lhs out of bounds"
+    );
+    assert!(
+        (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+        "gemm rhs out of bounds"
+    );
+    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; T is
+    // f32 or f64 ([`Real`]), which gemm supports; `dst` does not alias `lhs` or `rhs` (&mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// Shape of one convolution `[N, C_in, H, W] * [C_out, C_in, kh, kw]`, stride and zero padding
+/// on both axes, output `[N, C_out, Ho, Wo]` with `Ho = (H + 2p − kh) / s + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub n: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvGeom {
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.kh) / self.stride + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.kw) / self.stride + 1
+    }
+
+    /// Rows of `cols`: `C_in·kh·kw`.
+    fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    fn in_image(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    fn out_pixels(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+
+    fn out_image(&self) -> usize {
+        self.c_out * self.out_pixels()
+    }
+
+    /// 1x1, stride 1, no padding: `cols(X_n) = X_n`.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Output positions `o` of one axis whose input `o·s + tap − p` lies in `0..len`.
+    fn valid(&self, tap: usize, len: usize, out_len: usize) -> std::ops::Range<usize> {
+        let (s, p) = (self.stride, self.padding);
+        // o·s + tap ≥ p  ⇔  o ≥ ceil((p − tap) / s)
+        let lo = p.saturating_sub(tap).div_ceil(s);
+        // o·s + tap − p ≤ len − 1  ⇔  o ≤ (len − 1 + p − tap) / s
+        let hi = if len + p > tap {
+            ((len - 1 + p - tap) / s + 1).min(out_len)
+        } else {
+            0
+        };
+        lo..hi.max(lo)
+    }
+
+    /// Calls `f(ci, row, oy, iy, ox_range, ix0)` for every (tap, output row) pair whose input row
+    /// and columns are inside the image: `cols[row][oy·Wo + ox]` for `ox` in `ox_range` pairs
+    /// with `x[ci][iy][ix0 + (ox − ox_range.start)·s]`.
+    fn for_each_patch_row(
+        &self,
+        mut f: impl FnMut(usize, usize, usize, usize, std::ops::Range<usize>, usize),
+    ) {
+        let (ho, wo) = (self.out_h(), self.out_w());
+        for ci in 0..self.c_in {
+            for ky in 0..self.kh {
+                let rows = self.valid(ky, self.h, ho);
+                for kx in 0..self.kw {
+                    let row = (ci * self.kh + ky) * self.kw + kx;
+                    let cols = self.valid(kx, self.w, wo);
+                    if cols.is_empty() {
+                        continue;
+                    }
+                    let ix0 = cols.start * self.stride + kx - self.padding;
+                    for oy in rows.clone() {
+                        let iy = oy * self.stride + ky - self.padding;
+                        f(ci, row, oy, iy, cols.clone(), ix0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `cols[(ci·kh + ky)·kw + kx][oy·Wo + ox] = x[ci][oy·s + ky − p][ox·s + kx − p]` (0 outside the
+/// image), for one image `x` (`[C_in, H, W]`) into `cols` (`[K, Ho·Wo]`). Writes only the
+/// in-image entries, which are the same for every image of one geometry: `cols` must come
+/// zeroed, or from an earlier call with the same geometry.
+fn im2col<T: Real>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
+    let (wo, hw) = (g.out_w(), g.h * g.w);
+    let pixels = g.out_pixels();
+    g.for_each_patch_row(|ci, row, oy, iy, ox, ix0| {
+        let src = &x[ci * hw + iy * g.w..][..g.w];
+        let dst = &mut cols[row * pixels + oy * wo..][ox.clone()];
+        if g.stride == 1 {
+            dst.copy_from_slice(&src[ix0..ix0 + dst.len()]);
+        } else {
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = src[ix0 + j * g.stride];
+            }
+        }
+    });
+}
+
+/// The adjoint of [`im2col`]: `dx[ci][iy][ix] = Σ dcols[row][pixel]` over the (tap, output
+/// pixel) pairs that read `x[ci][iy][ix]`. Overwrites `dx` (`[C_in, H, W]`).
+fn col2im<T: Real>(g: &ConvGeom, dcols: &[T], dx: &mut [T]) {
+    let (wo, hw) = (g.out_w(), g.h * g.w);
+    let pixels = g.out_pixels();
+    dx.fill(T::zero());
+    g.for_each_patch_row(|ci, row, oy, iy, ox, ix0| {
+        let dst = &mut dx[ci * hw + iy * g.w..][..g.w];
+        let src = &dcols[row * pixels + oy * wo..][ox];
+        if g.stride == 1 {
+            for (d, &s) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                *d += s;
+            }
+        } else {
+            for (j, &s) in src.iter().enumerate() {
+                dst[ix0 + j * g.stride] += s;
+            }
+        }
+    });
+}
+
+/// Convolution forward: `Y_n = W · cols(X_n)` for every image n, into `y` (`[N, C_out, Ho, Wo]`).
+pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
+    let (k, pixels) = (g.k(), g.out_pixels());
+    let scratch = if g.is_pointwise() { 0 } else { k * pixels };
+    y.par_chunks_mut(g.out_image())
+        .zip(x.par_chunks(g.in_image()))
+        .with_min_len(images_per_task(g.n))
+        .for_each_init(
+            || vec![T::zero(); scratch],
+            |cols, (y_n, x_n)| {
+                let cols: &[T] = if g.is_pointwise() {
+                    x_n
+                } else {
+                    im2col(g, x_n, cols);
+                    cols
+                };
+                gemm_into(
+                    (g.c_out, pixels, k),
+                    y_n,
+                    false,
+                    w,
+                    (k, 1),
+                    cols,
+                    (pixels, 1),
+                );
+            },
+        );
+}
+
+/// Convolution dL/dx: `dX_n = col2im(Wᵀ · dY_n)` for every image n, into `dx` (`[N, C_in, H, W]`).
+pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut [T]) {
+    let (k, pixels) = (g.k(), g.out_pixels());
+    let scratch = if g.is_pointwise() { 0 } else { k * pixels };
+    dx.par_chunks_mut(g.in_image())
+        .zip(dy.par_chunks(g.out_image()))
+        .with_min_len(images_per_task(g.n))
+        .for_each_init(
+            || vec![T::zero(); scratch],
+            |dcols, (dx_n, dy_n)| {
+                // Wᵀ: element (row r, out channel o) is w[o·K + r].
+                if g.is_pointwise() {
+                    gemm_into(
+                        (k, pixels, g.c_out),
+                        dx_n,
+                        false,
+                        w,
+                        (1, k),
+                        dy_n,
+                        (pixels, 1),
+                    );
+                } else {
+                    gemm_into(
+                        (k, pixels, g.c_out),
+                        dcols,
+                        false,
+                        w,
+                        (1, k),
+                        dy_n,
+                        (pixels, 1),
+                    );
+                    col2im(g, dcols, dx_n);
+                }
+            },
+        );
+}
+
+/// Convolution dL/dw: `dW = Σ_n dY_n · cols(X_n)ᵀ` (`[C_out, K]`, i.e. `[C_out, C_in, kh, kw]`).
+/// The batch is split into one contiguous range per rayon thread; the partial sums are added.
+pub fn conv2d_backward_weight<T: Real>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
+    let (k, pixels) = (g.k(), g.out_pixels());
+    let per_task = images_per_task(g.n);
+    let len = g.c_out * k;
+    x.par_chunks(per_task * g.in_image())
+        .zip(dy.par_chunks(per_task * g.out_image()))
+        .map(|(xs, dys)| {
+            let mut dw = vec![T::zero(); len];
+            let mut cols = vec![T::zero(); if g.is_pointwise() { 0 } else { k * pixels }];
+            for (x_n, dy_n) in xs.chunks(g.in_image()).zip(dys.chunks(g.out_image())) {
+                let cols: &[T] = if g.is_pointwise() {
+                    x_n
+                } else {
+                    im2col(g, x_n, &mut cols);
+                    &cols
+                };
+                // cols(X_n)ᵀ: element (pixel, row r) is cols[r·pixels + pixel].
+                gemm_into(
+                    (g.c_out, k, pixels),
+                    &mut dw,
+                    true,
+                    dy_n,
+                    (pixels, 1),
+                    cols,
+                    (1, pixels),
+                );
+            }
+            dw
+        })
+        .reduce(
+            || vec![T::zero(); len],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
+                a
+            },
+        )
+}
+
+/// Per-channel batch mean and biased variance of `x` viewed as `[N, C, hw]`, over (N, hw):
+/// `mean_c = Σ x / M`, `var_c = Σ (x − mean_c)² / M`, `M = N·hw` (two passes, accumulated in
+/// f64).
+pub fn batch_stats<T: Real>(x: &[T], c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
+    let n = x.len() / (c * hw).max(1);
+    let count = (n * hw) as f64;
+    let blocks = |ch: usize| (0..n).map(move |i| &x[(i * c + ch) * hw..][..hw]);
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let sum: f64 = blocks(ch).flatten().map(|v| v.to_f64()).sum();
+            let mean = sum / count;
+            let sq: f64 = blocks(ch)
+                .flatten()
+                .map(|v| (v.to_f64() - mean).powi(2))
+                .sum();
+            (mean, sq / count)
+        })
+        .unzip()
+}
+
+/// BatchNorm's affine normalisation of `x` (`[N, C, hw]`): `x̂ = (x − mean_c)·inv_std_c` and
+/// `y = γ_c·x̂ + β_c`, written to `out = (x_hat, y)` in one pass.
+pub fn batch_norm_apply<T: Real>(
+    x: &[T],
+    mean: &[T],
+    inv_std: &[T],
+    gamma: &[T],
+    beta: &[T],
+    hw: usize,
+    (x_hat, y): (&mut [T], &mut [T]),
+) {
+    let c = mean.len();
+    x_hat
+        .par_chunks_mut(hw)
+        .zip(y.par_chunks_mut(hw))
+        .zip(x.par_chunks(hw))
+        .with_min_len(min_blocks(hw))
+        .enumerate()
+        .for_each(|(block, ((xh, y), x))| {
+            let ch = block % c;
+            let (m, s, g, b) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
+            for ((xh, y), &x) in xh.iter_mut().zip(y.iter_mut()).zip(x) {
+                *xh = (x - m) * s;
+                *y = *xh * g + b;
+            }
+        });
+}
+
+/// Per-channel `Σ g` and `Σ g·x̂` over (N, hw) of `[N, C, hw]` maps, accumulated in f64: the
+/// gradients dL/dβ and dL/dγ of BatchNorm.
+pub fn batch_norm_grad_sums<T: Real>(
+    grad: &[T],
+    x_hat: &[T],
+    c: usize,
+    hw: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let n = grad.len() / (c * hw).max(1);
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut sg, mut sgx) = (0.0, 0.0);
+            for i in 0..n {
+                let at = (i * c + ch) * hw;
+                for (&g, &xh) in grad[at..at + hw].iter().zip(&x_hat[at..at + hw]) {
+                    let g = g.to_f64();
+                    sg += g;
+                    sgx += g * xh.to_f64();
+                }
+            }
+            (sg, sgx)
+        })
+        .unzip()
+}
+
+/// BatchNorm dL/dx over `[N, C, hw]`: `dx = scale_c·(g − a_c − x̂·b_c)`. Train mode passes
+/// `scale = γ·inv_std`, `a = mean(g)`, `b = mean(g·x̂)`; eval mode `a = b = 0`.
+pub fn batch_norm_backward_input<T: Real>(
+    grad: &[T],
+    x_hat: &[T],
+    scale: &[T],
+    a: &[T],
+    b: &[T],
+    hw: usize,
+    dx: &mut [T],
+) {
+    let c = scale.len();
+    dx.par_chunks_mut(hw)
+        .zip(grad.par_chunks(hw))
+        .zip(x_hat.par_chunks(hw))
+        .with_min_len(min_blocks(hw))
+        .enumerate()
+        .for_each(|(block, ((dx, g), xh))| {
+            let ch = block % c;
+            let (s, a, b) = (scale[ch], a[ch], b[ch]);
+            for ((dx, &g), &xh) in dx.iter_mut().zip(g).zip(xh) {
+                *dx = s * (g - a - xh * b);
+            }
+        });
+}
+
+/// ReLU dL/dx in one pass: `dx = g` where `x > 0`, else 0.
+pub fn relu_backward<T: Real>(x: &[T], grad: &[T], dx: &mut [T]) {
+    dx.par_chunks_mut(MIN_PARALLEL_ELEMS)
+        .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
+        .zip(grad.par_chunks(MIN_PARALLEL_ELEMS))
+        .for_each(|((dx, x), g)| {
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                *dx = if x > T::zero() { g } else { T::zero() };
+            }
+        });
+}
+
+/// Fully connected forward `y = x Wᵀ + b` for `x` `[N, F_in]`, `W` `[F_out, F_in]`, into `y`
+/// (`[N, F_out]`).
+pub fn linear<T: Real>(x: &[T], w: &[T], b: &[T], f_in: usize, y: &mut [T]) {
+    let f_out = b.len();
+    let n = y.len() / f_out.max(1);
+    gemm_into((n, f_out, f_in), y, false, x, (f_in, 1), w, (1, f_in));
+    for row in y.chunks_mut(f_out.max(1)) {
+        row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
+    }
+}
+
+/// Gradients of [`linear`]: `dx = g W` (`[N, F_in]`), `dW = gᵀ x` (`[F_out, F_in]`),
+/// `db = Σ_n g` (`[F_out]`).
+pub fn linear_backward<T: Real>(
+    x: &[T],
+    w: &[T],
+    grad: &[T],
+    (n, f_in, f_out): (usize, usize, usize),
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut dx = vec![T::zero(); n * f_in];
+    let mut dw = vec![T::zero(); f_out * f_in];
+    gemm_into(
+        (n, f_in, f_out),
+        &mut dx,
+        false,
+        grad,
+        (f_out, 1),
+        w,
+        (f_in, 1),
+    );
+    gemm_into(
+        (f_out, f_in, n),
+        &mut dw,
+        false,
+        grad,
+        (1, f_out),
+        x,
+        (f_in, 1),
+    );
+    let mut db = vec![T::zero(); f_out];
+    for row in grad.chunks(f_out.max(1)) {
+        db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
+    }
+    (dx, dw, db)
+}
