@@ -384,10 +384,12 @@ pub fn plans_and_paths(
             None if plan.k() == 0 || m.checkpoint.meta.config.model.n == 1 || random_gates => {
                 Checkpoint::plain_path(&plan)
             }
-            None => return Err(ExperimentError::Usage(format!(
+            None => {
+                return Err(ExperimentError::Usage(format!(
                 "{} is a random gated network (n = {}): choose --path <gates> or --random-gates",
                 m.name, m.checkpoint.meta.config.model.n
-            ))),
+            )))
+            }
         };
         plans.push(plan);
         paths.push(path);

@@ -358,7 +358,7 @@ impl Observer for Display {
         if !self.quiet {
             let fmt = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a));
             eprintln!(
-                "{:?} epoch {}/{}: loss {:.4}, train acc {}, val acc {}, lr {}, {:.0} img/s, {:.1} s",
+                "{:?} epoch {}/{}: loss {:.4}, train acc {}, val acc {}, lr {:.3e}, {:.0} img/s, {:.1} s",
                 r.phase,
                 r.epoch + 1,
                 self.epochs,
