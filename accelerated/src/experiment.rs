@@ -35,9 +35,9 @@ use crate::EngineError;
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentError {
     #[error(transparent)]
-    Train(#[from] TrainError),
+    Train(Box<TrainError>),
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(Box<CheckpointError>),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("tensor operation failed")]
@@ -50,6 +50,18 @@ pub enum ExperimentError {
     },
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<TrainError> for ExperimentError {
+    fn from(e: TrainError) -> Self {
+        ExperimentError::Train(Box::new(e))
+    }
+}
+
+impl From<CheckpointError> for ExperimentError {
+    fn from(e: CheckpointError) -> Self {
+        ExperimentError::Checkpoint(Box::new(e))
+    }
 }
 
 /// The files of one run folder.
@@ -434,7 +446,7 @@ impl EvalReport {
         let mut eps: Vec<f64> = Vec::new();
         for r in reports {
             for e in &r.report.per_eps {
-                if !eps.iter().any(|&x| x == e.eps) {
+                if !eps.contains(&e.eps) {
                     eps.push(e.eps);
                 }
             }

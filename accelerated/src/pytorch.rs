@@ -19,7 +19,6 @@ use eio_spec::config::Config;
 use eio_spec::Path;
 
 use crate::checkpoint::{Checkpoint, ModelKind, Phase, Progress};
-use crate::experiment::ExperimentError;
 use crate::state::ModelState;
 
 /// Errors of import and export.
@@ -27,8 +26,6 @@ use crate::state::ModelState;
 pub enum PytorchError {
     #[error(transparent)]
     Interop(#[from] eio_interop::InteropError),
-    #[error(transparent)]
-    Experiment(#[from] ExperimentError),
     #[error(transparent)]
     Engine(#[from] crate::EngineError),
     #[error("cannot build the model of the config")]

@@ -317,7 +317,7 @@ fn validate(
     dtype: DType,
     global_epoch: usize,
 ) -> candle_core::Result<Option<f64>> {
-    if data.validation.len() == 0 {
+    if data.validation.is_empty() {
         return Ok(None);
     }
     let config = &checkpoint.meta.config;

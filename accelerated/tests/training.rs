@@ -21,8 +21,10 @@ use rand_chacha::ChaCha8Rng;
 
 /// A tiny config: ResNet-8 at width 0.25 on 3x8x8 images, 4 classes, batch 8.
 fn tiny(method: Method) -> Config {
-    let mut c = Config::default();
-    c.seed = 7;
+    let mut c = Config {
+        seed: 7,
+        ..Config::default()
+    };
     c.model.depth = 8;
     c.model.width = 0.25;
     c.model.classes = 4;
@@ -114,10 +116,10 @@ impl Observer for StopAt {
 fn run(
     checkpoint: &mut Checkpoint,
     data: &DataSplits,
-    file: &PathBuf,
+    file: &std::path::Path,
     observer: &mut StopAt,
 ) -> Outcome {
-    let mut persist = file.clone();
+    let mut persist = file.to_path_buf();
     let flag = AtomicBool::new(false);
     // The observer raises its own flag mid-epoch; mirror it into the interrupt the loop polls.
     struct Relay<'a> {
