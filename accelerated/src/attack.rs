@@ -156,7 +156,7 @@ impl Target<'_> {
 
 /// Row-wise index of the first maximum, as `torch.argmax` (computed on the host so ties
 /// resolve the same way on every device).
-fn first_argmax(scores: &Tensor) -> Result<Vec<usize>> {
+pub(crate) fn first_argmax(scores: &Tensor) -> Result<Vec<usize>> {
     let rows = scores.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
     Ok(rows
         .iter()

@@ -8,7 +8,7 @@ use eio_spec::sampler::IterationDraw;
 use eio_spec::{Path, Plan};
 use rand::Rng;
 
-use crate::attack::{pgd_train_mode, AttackSettings};
+use crate::attack::{first_argmax, pgd_train_mode, AttackSettings};
 use crate::distill::eq2_distill;
 use crate::model::{backward, logits, Gradients};
 use crate::ops;
@@ -129,6 +129,15 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
     })
 }
 
+/// What one clean training step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Mean cross-entropy over the batch, before the update.
+    pub loss: f64,
+    /// Images the path classified correctly, before the update.
+    pub correct: usize,
+}
+
 /// Algorithm 1 lines 4-5: train one path on a clean batch, one SGD step; returns the loss.
 ///
 /// # Errors
@@ -142,12 +151,39 @@ pub fn pretrain_iteration(
     labels: &Tensor,
     unused: UnusedParams,
 ) -> Result<f64> {
+    Ok(clean_step(plan, state, optimiser, path, images, labels, unused)?.loss)
+}
+
+/// One SGD step of `path` on `images` with cross-entropy (Algorithm 1 lines 4-5, and every
+/// clean training step of baseline, AdvT and fine-tuning), reporting loss and accuracy.
+///
+/// # Errors
+/// On a device error.
+pub fn clean_step(
+    plan: &Plan,
+    state: &mut ModelState,
+    optimiser: &mut Sgd,
+    path: &Path,
+    images: &Tensor,
+    labels: &Tensor,
+    unused: UnusedParams,
+) -> Result<StepReport> {
     let (out, trace) = logits(plan, state, path, images, BnMode::Train)?;
     state.commit(&trace);
     let (ce, grad) = ops::cross_entropy(&out, labels)?;
+    let predicted = first_argmax(&out)?;
+    let truth = labels.to_vec1::<u32>()?;
+    let correct = predicted
+        .iter()
+        .zip(&truth)
+        .filter(|(p, &y)| **p == y as usize)
+        .count();
     let grads = backward(plan, state, &trace, &[(plan.logits(), grad)])?;
     sgd_step(plan, state, optimiser, &grads, unused)?;
-    scalar(&ce)
+    Ok(StepReport {
+        loss: scalar(&ce)?,
+        correct,
+    })
 }
 
 /// Algorithm 1 line 24 over every learnable tensor: a missing gradient is zero under

@@ -1,5 +1,6 @@
-//! The white-box all-or-nothing evaluation on the device, with the same versions and random
-//! streams as `eio_reference::evaluate` (which documents them).
+//! The all-or-nothing evaluation on the device: white-box, with the same versions and random
+//! streams as `eio_reference::evaluate` (which documents them), and black-box transfer of
+//! PGD examples made on other models; both over a whole image set in batches.
 
 use candle_core::Tensor;
 use eio_spec::config::EvalConfig;
@@ -10,14 +11,14 @@ use crate::attack::{pgd, AttackSettings, Target};
 use crate::EngineError;
 
 /// Accuracy under attack at one ε.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EpsilonResult {
     pub eps: f64,
     pub robustness: Robustness,
 }
 
 /// Clean and all-or-nothing white-box accuracy.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct WhiteBoxReport {
     pub clean_accuracy: f64,
     pub per_eps: Vec<EpsilonResult>,
@@ -36,6 +37,41 @@ pub fn white_box(
     config: &EvalConfig,
     seeds: &Seeds,
 ) -> Result<WhiteBoxReport, EngineError> {
+    adversarial_accuracy(target, target, images, labels, config, seeds, 0)
+}
+
+/// Black-box transfer: every version is a PGD attack on `source` (as in [`white_box`]), and
+/// `victim` classifies the result; an image is robust only if the victim is right on all.
+///
+/// # Errors
+/// As [`white_box`].
+pub fn transfer(
+    source: &Target<'_>,
+    victim: &Target<'_>,
+    images: &Tensor,
+    labels: &Tensor,
+    config: &EvalConfig,
+    seeds: &Seeds,
+) -> Result<WhiteBoxReport, EngineError> {
+    adversarial_accuracy(source, victim, images, labels, config, seeds, 0)
+}
+
+/// The stream index of batch `batch` of an evaluation split into batches: batch 0 uses the
+/// unbatched indices of [`attack_stream_index`] (so one batch equals the reference exactly),
+/// batch b offsets them by b·2⁴⁸.
+pub fn batch_stream_index(index: u64, batch: u64) -> u64 {
+    index | (batch << 48)
+}
+
+fn adversarial_accuracy(
+    source: &Target<'_>,
+    victim: &Target<'_>,
+    images: &Tensor,
+    labels: &Tensor,
+    config: &EvalConfig,
+    seeds: &Seeds,
+    batch: u64,
+) -> Result<WhiteBoxReport, EngineError> {
     let truth: Vec<usize> = labels
         .to_vec1::<u32>()?
         .into_iter()
@@ -44,7 +80,10 @@ pub fn white_box(
     let correct = |predicted: Vec<usize>| -> Vec<bool> {
         predicted.iter().zip(&truth).map(|(p, y)| p == y).collect()
     };
-    let clean = correct(target.predict(images, &mut seeds.stream(Stream::Gates, u64::MAX))?);
+    // The clean pass of a randomised target: index u64::MAX (the reference's) for batch 0,
+    // u64::MAX − b for batch b.
+    let clean_index = u64::MAX - batch;
+    let clean = correct(victim.predict(images, &mut seeds.stream(Stream::Gates, clean_index))?);
     let clean_accuracy = clean.iter().filter(|&&c| c).count() as f64 / truth.len().max(1) as f64;
     let versions: Vec<String> = config
         .losses
@@ -57,15 +96,15 @@ pub fn white_box(
         for (k, &loss) in config.losses.iter().enumerate() {
             for r in 0..config.restarts {
                 let settings = AttackSettings::white_box(config, eps, loss);
-                let index = attack_stream_index(e, k, r);
+                let index = batch_stream_index(attack_stream_index(e, k, r), batch);
                 let adv = pgd(
-                    target,
+                    source,
                     images,
                     labels,
                     &settings,
                     &mut seeds.stream(Stream::AttackStart, index),
                 )?;
-                let predicted = target.predict(&adv, &mut seeds.stream(Stream::Gates, index))?;
+                let predicted = victim.predict(&adv, &mut seeds.stream(Stream::Gates, index))?;
                 verdict.record(&version_name(loss, r), &correct(predicted))?;
             }
         }
@@ -76,6 +115,69 @@ pub fn white_box(
     }
     Ok(WhiteBoxReport {
         clean_accuracy,
+        per_eps,
+    })
+}
+
+/// [`white_box`] (`source` = `victim`) or [`transfer`] over every image of `images`, in
+/// batches of `config.batch_size` (batch b's attacks draw from [`batch_stream_index`]`(·, b)`), with
+/// every figure combined over the batches. `progress` is called after each batch.
+///
+/// # Errors
+/// As [`white_box`].
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_images(
+    source: &Target<'_>,
+    victim: &Target<'_>,
+    images: &eio_data::Images,
+    config: &EvalConfig,
+    seeds: &Seeds,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<WhiteBoxReport, EngineError> {
+    let n = images.len();
+    let size = config.batch_size.max(1);
+    let batches = n.div_ceil(size);
+    let mut clean_correct = 0.0;
+    let mut robust: Vec<Vec<bool>> = vec![Vec::with_capacity(n); config.eps.len()];
+    let mut per_version: Vec<std::collections::BTreeMap<String, f64>> =
+        vec![Default::default(); config.eps.len()];
+    for b in 0..batches {
+        let idx: Vec<usize> = (b * size..((b + 1) * size).min(n)).collect();
+        let part = images.subset(&idx);
+        let count = idx.len() as f64;
+        let (x, y) = crate::train::to_tensors(part.pixels, part.labels, images, device, dtype)?;
+        let report = adversarial_accuracy(source, victim, &x, &y, config, seeds, b as u64)?;
+        clean_correct += report.clean_accuracy * count;
+        for (e, r) in report.per_eps.into_iter().enumerate() {
+            robust[e].extend(r.robustness.robust);
+            for (name, acc) in r.robustness.per_version {
+                *per_version[e].entry(name).or_default() += acc * count;
+            }
+        }
+        progress(b + 1, batches);
+    }
+    let total = n.max(1) as f64;
+    let per_eps = config
+        .eps
+        .iter()
+        .zip(robust.into_iter().zip(per_version))
+        .map(|(&eps, (robust, versions))| {
+            let robust_count = robust.iter().filter(|&&r| r).count();
+            EpsilonResult {
+                eps,
+                robustness: Robustness {
+                    accuracy: robust_count as f64 / total,
+                    robust_count,
+                    robust,
+                    per_version: versions.into_iter().map(|(k, v)| (k, v / total)).collect(),
+                },
+            }
+        })
+        .collect();
+    Ok(WhiteBoxReport {
+        clean_accuracy: clean_correct / total,
         per_eps,
     })
 }

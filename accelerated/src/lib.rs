@@ -9,14 +9,19 @@
 //! f32 and f64 on the CPU; CUDA with the `cuda` feature, chosen at run time ([`device`]).
 
 pub mod attack;
+pub mod checkpoint;
+pub mod derive;
 pub mod device;
 pub mod distill;
 pub mod eio;
 pub mod evaluate;
+pub mod experiment;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod pytorch;
 pub mod state;
+pub mod train;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

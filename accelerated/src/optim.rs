@@ -31,6 +31,16 @@ impl Sgd {
         }
     }
 
+    /// An optimiser that continues from stored momentum buffers (a resumed checkpoint).
+    pub fn with_buffers(config: SgdConfig, buffers: BTreeMap<String, Tensor>) -> Self {
+        Sgd { config, buffers }
+    }
+
+    /// Every momentum buffer, by parameter name (what a checkpoint stores).
+    pub fn buffers(&self) -> &BTreeMap<String, Tensor> {
+        &self.buffers
+    }
+
     /// The momentum buffer of `name`, once it exists.
     pub fn momentum_buffer(&self, name: &str) -> Option<&Tensor> {
         self.buffers.get(name)

@@ -1,0 +1,616 @@
+//! Training runs: baseline ensembles, EIO (Algorithm 1 with its clean pre-training), PGD
+//! adversarial training, and fine-tuning of a derived path, with checkpoints after every epoch
+//! and on interruption, and exact resumption.
+//!
+//! # Random streams (all from `eio_spec::rng`, so a resumed run draws exactly what an
+//! uninterrupted one would)
+//! * data order and augmentation of epoch e: `DataOrder` / `Augmentation` via
+//!   `eio_data::EpochPlan`, indexed by the global epoch (counted over all phases);
+//! * the target images x_t of Eq. 2 for epoch e: a permutation of the training set from
+//!   `TargetPairing` (index e); batch b is distilled towards the images at positions
+//!   b·B..(b+1)·B of it (not augmented), as DVERGE pairs two independently shuffled loaders;
+//! * per iteration i (counted over all phases): the layer and paths of Algorithm 1 lines 11-12
+//!   (`spec::sampler::draw_iteration`), the pre-training path of line 4 and the AdvT path of an
+//!   RGN (`Gates`, index i), and the random starts of Eq. 2 and of training-time PGD
+//!   (`DistillStart`, index i);
+//! * the path of each epoch's validation pass of an RGN: `Gates`, index
+//!   [`VALIDATION_GATES`] + e (the authors draw one path per validation pass).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use eio_data::{Augment, DataSplits, EpochPlan, Images};
+use eio_spec::config::{Config, Method, UnusedParams};
+use eio_spec::rng::{Seeds, Stream};
+use eio_spec::sampler::draw_iteration;
+use eio_spec::schedule::LrSchedule;
+use eio_spec::{Path, Plan};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::attack::{pgd_train_mode, AttackSettings, Member, Target};
+use crate::checkpoint::{
+    sgd_config, Checkpoint, CheckpointError, EpochTotals, ModelKind, Phase, Progress,
+};
+use crate::eio::{clean_step, eq4_iteration, EioBatch};
+use crate::optim::Sgd;
+use crate::state::ModelState;
+use crate::EngineError;
+
+/// First `Gates` stream index of the per-epoch validation paths (far above any iteration).
+pub const VALIDATION_GATES: u64 = 1 << 62;
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("tensor operation failed")]
+    Candle(#[from] candle_core::Error),
+    #[error("Algorithm 1 path sampling failed")]
+    Sampler(#[from] eio_spec::sampler::SamplerError),
+    #[error("cannot build the model")]
+    Plan(#[from] eio_spec::plan::PlanError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// One line of `metrics.jsonl`: what an epoch did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub phase: Phase,
+    /// Epoch within the phase (0-based).
+    pub epoch: usize,
+    /// Epoch over all phases (0-based).
+    pub global_epoch: usize,
+    pub lr: f64,
+    /// Mean training loss (clean CE; for EIO, the mean over paths of L_i of Eq. 4).
+    pub loss: f64,
+    /// Training accuracy of the clean steps, when there were any.
+    pub train_accuracy: Option<f64>,
+    /// Mean Eq. 2 feature loss at the last distillation step (EIO only).
+    pub distill_loss: Option<f64>,
+    pub sign_ties: usize,
+    /// Accuracy on the validation hold-out (eval-mode BN; an RGN on one random path, an
+    /// ensemble through the mean softmax).
+    pub validation_accuracy: Option<f64>,
+    pub images: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// What one batch did, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchEvent {
+    pub phase: Phase,
+    pub epoch: usize,
+    pub batch: usize,
+    pub batches: usize,
+    pub loss: f64,
+    pub accuracy: Option<f64>,
+    pub images_per_second: f64,
+}
+
+/// What to do after an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop as if interrupted (the checkpoint is already written).
+    Stop,
+}
+
+/// Receives progress; the binary draws bars and appends `metrics.jsonl` here.
+pub trait Observer {
+    /// A phase starts or resumes at `epoch` of `epochs`, `batches` per epoch.
+    fn phase(&mut self, phase: Phase, epoch: usize, epochs: usize, batches: usize);
+    fn batch(&mut self, event: &BatchEvent);
+    /// After the epoch's checkpoint is written.
+    ///
+    /// # Errors
+    /// The observer's own failure (e.g. cannot append metrics), which ends the run.
+    fn epoch(&mut self, record: &EpochRecord) -> Result<Flow, TrainError>;
+}
+
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every phase ran; the checkpoint's phase is [`Phase::Done`].
+    Finished,
+    /// Stopped by the interrupt flag or the observer; the checkpoint can be resumed.
+    Interrupted,
+}
+
+/// Where a run writes its checkpoint.
+pub trait Persist {
+    /// Writes the checkpoint (atomically).
+    ///
+    /// # Errors
+    /// As [`Checkpoint::save`].
+    fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError>;
+}
+
+impl Persist for std::path::PathBuf {
+    fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        checkpoint.save(self)
+    }
+}
+
+/// The phases a config's method runs, with their epoch counts.
+pub fn phases(config: &Config) -> Vec<(Phase, usize)> {
+    match config.train.method {
+        Method::Eio => vec![
+            (Phase::Pretrain, config.eio.pretrain_epochs),
+            (Phase::Main, config.train.epochs),
+        ],
+        Method::Baseline | Method::Advt => vec![(Phase::Main, config.train.epochs)],
+    }
+}
+
+fn first_phase(phases: &[(Phase, usize)]) -> Phase {
+    phases
+        .iter()
+        .find(|(_, n)| *n > 0)
+        .map_or(Phase::Done, |(p, _)| *p)
+}
+
+/// A fresh training checkpoint for `config`: members initialised from the `Init` stream
+/// (member m of a baseline ensemble from index m), optimisers without momentum yet.
+///
+/// # Errors
+/// [`TrainError::Setup`] when the method and model disagree (a baseline must be a plain
+/// network, `model.n = 1`); a device error.
+pub fn start(config: &Config, device: &Device, dtype: DType) -> Result<Checkpoint, TrainError> {
+    let plan = config.plan()?;
+    let members = match config.train.method {
+        Method::Baseline => {
+            if config.model.n != 1 {
+                return Err(TrainError::Setup(format!(
+                    "train.method = \"baseline\" trains plain networks: set model.n = 1 (it is {})",
+                    config.model.n
+                )));
+            }
+            config.train.ensemble_size
+        }
+        Method::Eio | Method::Advt => 1,
+    };
+    let seeds = Seeds::new(config.seed);
+    let states = (0..members)
+        .map(|m| ModelState::init(&plan, &seeds, m as u64, device, dtype))
+        .collect::<Result<Vec<_>, _>>()?;
+    let optimisers = (0..members)
+        .map(|_| Sgd::new(sgd_config(config, config.train.lr)))
+        .collect();
+    let phase = first_phase(&phases(config));
+    Ok(Checkpoint::new(
+        config,
+        ModelKind::Network,
+        states,
+        optimisers,
+        Progress::start(phase),
+        dtype,
+    ))
+}
+
+/// A fine-tuning checkpoint for a derived single-path network (`config.model.n` must be 1):
+/// `derive.finetune_epochs` epochs of clean training at the `derive` learning rates.
+pub fn start_finetune(
+    config: &Config,
+    model: ModelKind,
+    state: ModelState,
+    dtype: DType,
+) -> Checkpoint {
+    let phase = if config.derive.finetune_epochs > 0 {
+        Phase::Finetune
+    } else {
+        Phase::Done
+    };
+    Checkpoint::new(
+        config,
+        model,
+        vec![state],
+        vec![Sgd::new(sgd_config(config, config.derive.lr))],
+        Progress::start(phase),
+        dtype,
+    )
+}
+
+fn epochs_of(config: &Config, phase: Phase) -> usize {
+    match phase {
+        Phase::Pretrain => config.eio.pretrain_epochs,
+        Phase::Main => config.train.epochs,
+        Phase::Finetune => config.derive.finetune_epochs,
+        Phase::Done => 0,
+    }
+}
+
+fn next_phase(config: &Config, phase: Phase) -> Phase {
+    let order: Vec<Phase> = match phase {
+        Phase::Finetune => vec![],
+        _ => phases(config).into_iter().map(|(p, _)| p).collect(),
+    };
+    order
+        .iter()
+        .skip_while(|&&p| p != phase)
+        .skip(1)
+        .find(|&&p| epochs_of(config, p) > 0)
+        .copied()
+        .unwrap_or(Phase::Done)
+}
+
+/// The learning rate of epoch `epoch` of `phase`: pre-training at the base rate, the main
+/// phase on `train`'s schedule, fine-tuning on `derive.lr` with `derive.milestones`.
+pub fn learning_rate(config: &Config, phase: Phase, epoch: usize) -> f64 {
+    match phase {
+        Phase::Pretrain => config.train.lr,
+        Phase::Main => config.train.schedule().lr(epoch),
+        Phase::Finetune => LrSchedule {
+            base: config.derive.lr,
+            milestones: config.derive.milestones.clone(),
+            gamma: config.train.lr_gamma,
+            warmup_epochs: 0,
+        }
+        .lr(epoch),
+        Phase::Done => 0.0,
+    }
+}
+
+/// Host pixels and labels as device tensors `[N, C, H, W]` and `[N]` (u32).
+///
+/// # Errors
+/// A device error.
+pub fn to_tensors(
+    pixels: Vec<f32>,
+    labels: Vec<u32>,
+    images: &Images,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = labels.len();
+    let s = &images.shape;
+    let x =
+        Tensor::from_vec(pixels, (n, s.channels, s.height, s.width), device)?.to_dtype(dtype)?;
+    let y = Tensor::from_vec(labels, n, device)?;
+    Ok((x, y))
+}
+
+/// Accuracy of `target` on `images`, in batches of `batch_size` (a randomised target draws
+/// its paths from `rng`).
+///
+/// # Errors
+/// A device error.
+pub fn accuracy<R: rand::Rng + ?Sized>(
+    target: &Target<'_>,
+    images: &Images,
+    batch_size: usize,
+    device: &Device,
+    dtype: DType,
+    rng: &mut R,
+) -> candle_core::Result<f64> {
+    let n = images.len();
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let mut correct = 0;
+    for start in (0..n).step_by(batch_size.max(1)) {
+        let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
+        let part = images.subset(&idx);
+        let (x, _) = to_tensors(part.pixels, part.labels.clone(), images, device, dtype)?;
+        let predicted = target.predict(&x, rng)?;
+        correct += predicted
+            .iter()
+            .zip(&part.labels)
+            .filter(|(p, &y)| **p == y as usize)
+            .count();
+    }
+    Ok(correct as f64 / n as f64)
+}
+
+/// Validation accuracy of a checkpoint's model(s).
+fn validate(
+    checkpoint: &Checkpoint,
+    plan: &Plan,
+    data: &DataSplits,
+    device: &Device,
+    dtype: DType,
+    global_epoch: usize,
+) -> candle_core::Result<Option<f64>> {
+    if data.validation.is_empty() {
+        return Ok(None);
+    }
+    let config = &checkpoint.meta.config;
+    let seeds = Seeds::new(config.seed);
+    let zeros = Checkpoint::plain_path(plan);
+    let path = if config.model.n > 1 {
+        plan.path_space()
+            .sample(&mut seeds.stream(Stream::Gates, VALIDATION_GATES + global_epoch as u64))
+    } else {
+        zeros
+    };
+    let members: Vec<Member<'_>> = checkpoint
+        .members
+        .iter()
+        .map(|state| Member {
+            plan,
+            state,
+            path: &path,
+        })
+        .collect();
+    let target = if members.len() == 1 {
+        Target::Path {
+            plan,
+            state: &checkpoint.members[0],
+            path: &path,
+            mode: eio_spec::config::BnMode::Eval,
+        }
+    } else {
+        Target::Ensemble(members)
+    };
+    let mut unused = seeds.stream(Stream::Gates, VALIDATION_GATES - 1);
+    accuracy(
+        &target,
+        &data.validation,
+        config.eval.batch_size,
+        device,
+        dtype,
+        &mut unused,
+    )
+    .map(Some)
+}
+
+/// Runs (or continues) the training in `checkpoint` until every phase is done, saving the
+/// checkpoint through `persist` after every epoch and when stopped. `interrupt` is polled
+/// after every batch (Ctrl-C sets it).
+///
+/// # Errors
+/// A device, sampling, checkpoint or observer error.
+pub fn train(
+    checkpoint: &mut Checkpoint,
+    data: &DataSplits,
+    device: &Device,
+    observer: &mut dyn Observer,
+    persist: &mut dyn Persist,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, TrainError> {
+    let config = checkpoint.meta.config.clone();
+    let plan = config.plan()?;
+    let dtype = checkpoint.dtype();
+    let seeds = Seeds::new(config.seed);
+    let batch_size = config.train.batch_size;
+    while checkpoint.meta.progress.phase != Phase::Done {
+        let progress = checkpoint.meta.progress;
+        let phase = progress.phase;
+        let epochs = epochs_of(&config, phase);
+        let epoch_plan =
+            EpochPlan::new(data.train.len(), batch_size, progress.global_epoch, &seeds);
+        let batches = epoch_plan.batches();
+        observer.phase(phase, progress.epoch, epochs, batches);
+        let lr = learning_rate(&config, phase, progress.epoch);
+        for opt in &mut checkpoint.optimisers {
+            opt.config.lr = lr;
+        }
+        let targets = if phase == Phase::Main && config.train.method == Method::Eio {
+            let mut order: Vec<usize> = (0..data.train.len()).collect();
+            order.shuffle(&mut seeds.stream(Stream::TargetPairing, progress.global_epoch as u64));
+            order
+        } else {
+            Vec::new()
+        };
+        for b in progress.batch..batches {
+            let started = Instant::now();
+            let batch = epoch_plan.batch(&data.train, b, Augment::from_config(&config.data));
+            let n = batch.labels.len();
+            let (x, y) = to_tensors(batch.pixels, batch.labels, &data.train, device, dtype)?;
+            let iteration = checkpoint.meta.progress.iteration;
+            let target = if targets.is_empty() {
+                None
+            } else {
+                let start = b * batch_size;
+                let idx: Vec<usize> = (0..n)
+                    .map(|k| targets[(start + k) % targets.len()])
+                    .collect();
+                let t = data.train.subset(&idx);
+                Some(to_tensors(t.pixels, t.labels, &data.train, device, dtype)?.0)
+            };
+            let step = Step {
+                config: &config,
+                plan: &plan,
+                seeds: &seeds,
+                phase,
+                global_epoch: progress.global_epoch as u64,
+                iteration,
+            };
+            let r = step.run(checkpoint, x, y, target)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let totals = &mut checkpoint.meta.progress.totals;
+            totals.loss_sum += r.loss * n as f64;
+            totals.images += n;
+            totals.seconds += seconds;
+            totals.sign_ties += r.sign_ties;
+            totals.correct += r.correct;
+            totals.counted += r.counted;
+            if let Some(d) = r.distill {
+                totals.distill_sum += d * n as f64;
+            }
+            checkpoint.meta.progress.batch = b + 1;
+            checkpoint.meta.progress.iteration += 1;
+            observer.batch(&BatchEvent {
+                phase,
+                epoch: progress.epoch,
+                batch: b,
+                batches,
+                loss: r.loss,
+                accuracy: (r.counted > 0).then(|| r.correct as f64 / r.counted as f64),
+                images_per_second: n as f64 / seconds.max(1e-9),
+            });
+            if interrupt.load(Ordering::SeqCst) && b + 1 < batches {
+                persist.save(checkpoint)?;
+                return Ok(Outcome::Interrupted);
+            }
+        }
+        let totals = checkpoint.meta.progress.totals;
+        let validation_accuracy = validate(
+            checkpoint,
+            &plan,
+            data,
+            device,
+            dtype,
+            progress.global_epoch,
+        )?;
+        let images = totals.images.max(1) as f64;
+        let record = EpochRecord {
+            phase,
+            epoch: progress.epoch,
+            global_epoch: progress.global_epoch,
+            lr,
+            loss: totals.loss_sum / images,
+            train_accuracy: (totals.counted > 0)
+                .then(|| totals.correct as f64 / totals.counted as f64),
+            distill_loss: (totals.distill_sum != 0.0).then(|| totals.distill_sum / images),
+            sign_ties: totals.sign_ties,
+            validation_accuracy,
+            images: totals.images,
+            seconds: totals.seconds,
+            images_per_second: totals.images as f64 / totals.seconds.max(1e-9),
+        };
+        let next = &mut checkpoint.meta.progress;
+        next.totals = EpochTotals::default();
+        next.batch = 0;
+        next.global_epoch += 1;
+        next.epoch += 1;
+        if next.epoch >= epochs {
+            next.phase = next_phase(&config, phase);
+            next.epoch = 0;
+        }
+        persist.save(checkpoint)?;
+        let flow = observer.epoch(&record)?;
+        if checkpoint.meta.progress.phase != Phase::Done
+            && (flow == Flow::Stop || interrupt.load(Ordering::SeqCst))
+        {
+            return Ok(Outcome::Interrupted);
+        }
+    }
+    Ok(Outcome::Finished)
+}
+
+/// What one batch did.
+struct StepResult {
+    loss: f64,
+    correct: usize,
+    counted: usize,
+    distill: Option<f64>,
+    sign_ties: usize,
+}
+
+/// One training batch of some phase and method, with its random draws.
+struct Step<'a> {
+    config: &'a Config,
+    plan: &'a Plan,
+    seeds: &'a Seeds,
+    phase: Phase,
+    global_epoch: u64,
+    iteration: u64,
+}
+
+impl Step<'_> {
+    /// Pre-training and AdvT of an RGN: one path per batch from `Gates` (Algorithm 1 line 4);
+    /// a plain network: its only path.
+    fn path(&self) -> Path {
+        if self.config.model.n > 1 {
+            self.plan
+                .path_space()
+                .sample(&mut self.seeds.stream(Stream::Gates, self.iteration))
+        } else {
+            Checkpoint::plain_path(self.plan)
+        }
+    }
+
+    fn run(
+        &self,
+        checkpoint: &mut Checkpoint,
+        x: Tensor,
+        y: Tensor,
+        target: Option<Tensor>,
+    ) -> Result<StepResult, TrainError> {
+        let (config, plan) = (self.config, self.plan);
+        let n = y.dims1()?;
+        let unused = config.eio.unused_params;
+        let single = |r: crate::eio::StepReport| StepResult {
+            loss: r.loss,
+            correct: r.correct,
+            counted: n,
+            distill: None,
+            sign_ties: 0,
+        };
+        let (state, opt) = (&mut checkpoint.members[0], &mut checkpoint.optimisers[0]);
+        Ok(match (self.phase, config.train.method, target) {
+            (Phase::Main, Method::Eio, Some(target)) => {
+                let draw = draw_iteration(
+                    plan,
+                    &config.eio,
+                    self.seeds,
+                    self.global_epoch,
+                    self.iteration,
+                )?;
+                let report = eq4_iteration(
+                    plan,
+                    state,
+                    opt,
+                    config,
+                    &EioBatch {
+                        source: x,
+                        labels: y,
+                        target,
+                    },
+                    &draw,
+                    &mut self.seeds.stream(Stream::DistillStart, self.iteration),
+                )?;
+                let p = report.path_losses.len().max(1) as f64;
+                StepResult {
+                    loss: report.path_losses.iter().sum::<f64>() / p,
+                    correct: 0,
+                    counted: 0,
+                    distill: Some(report.distill_losses.iter().sum::<f64>() / p),
+                    sign_ties: report.sign_ties,
+                }
+            }
+            (Phase::Pretrain, _, _) => {
+                let path = self.path();
+                single(clean_step(plan, state, opt, &path, &x, &y, unused)?)
+            }
+            (Phase::Main, Method::Advt, _) => {
+                // Madry et al.: PGD examples made in train-mode BN, then a clean step on them.
+                let path = self.path();
+                let settings = AttackSettings::training(&config.train.adv, config.eval.cw_kappa);
+                let mut rng = self.seeds.stream(Stream::DistillStart, self.iteration);
+                let adv = pgd_train_mode(plan, state, &path, &x, &y, &settings, &mut rng)?;
+                single(clean_step(plan, state, opt, &path, &adv, &y, unused)?)
+            }
+            _ => {
+                // Baseline members and fine-tuning: every member on its only path.
+                let path = Checkpoint::plain_path(plan);
+                let mut result = StepResult {
+                    loss: 0.0,
+                    correct: 0,
+                    counted: 0,
+                    distill: None,
+                    sign_ties: 0,
+                };
+                let m = checkpoint.members.len() as f64;
+                for (state, opt) in checkpoint
+                    .members
+                    .iter_mut()
+                    .zip(checkpoint.optimisers.iter_mut())
+                {
+                    let r = clean_step(plan, state, opt, &path, &x, &y, UnusedParams::Step)?;
+                    result.loss += r.loss / m;
+                    result.correct += r.correct;
+                    result.counted += n;
+                }
+                result
+            }
+        })
+    }
+}

@@ -1,0 +1,368 @@
+//! The `eio` command end to end on a tiny CIFAR-10-format data set written by the test:
+//! `eio run` produces its report, `eio eval` and `eio derive` work on its models, a training
+//! process killed with SIGKILL resumes to the same weights, and bad input gets clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use eio_accelerated::checkpoint::Checkpoint;
+
+fn eio() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_eio"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("eio-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// CIFAR-10 binaries (`data_batch_1..5.bin`, `test_batch.bin`) with `per_file` records each,
+/// pixels from a fixed formula whose mean depends on the label (so a model can learn).
+fn write_cifar(dir: &Path, per_file: usize) {
+    let record = |i: usize, label: u8| -> Vec<u8> {
+        let mut r = vec![label];
+        r.extend((0..3072).map(|k| {
+            let base = 40 + 18 * label as usize;
+            ((base + (k * 7 + i * 13) % 60) % 256) as u8
+        }));
+        r
+    };
+    let file = |name: &str, offset: usize| {
+        let bytes: Vec<u8> = (0..per_file)
+            .flat_map(|i| record(offset + i, ((offset + i) % 10) as u8))
+            .collect();
+        std::fs::write(dir.join(name), bytes).expect("write fixture");
+    };
+    for b in 1..=5 {
+        file(&format!("data_batch_{b}.bin"), b * 1000);
+    }
+    file("test_batch.bin", 0);
+}
+
+fn tiny_config(dir: &Path, data: &Path, epochs: usize) -> PathBuf {
+    let text = format!(
+        r#"seed = 3
+[model]
+depth = 8
+width = 0.25
+n = 2
+sharing = "shared-conv"
+[data]
+dataset = "cifar10"
+path = "{}"
+validation = 8
+[train]
+epochs = {epochs}
+batch_size = 16
+milestones = []
+[eio]
+p = 2
+pretrain_epochs = 1
+[distill]
+steps = 2
+[eval]
+images = 12
+eps = [0.02, 0.05]
+steps = 3
+restarts = 1
+batch_size = 8
+[derive]
+finetune_epochs = 1
+"#,
+        data.display()
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn ok(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "eio failed: {stderr}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn eio_run_trains_derives_evaluates_and_reports() {
+    let dir = scratch("run");
+    write_cifar(&dir, 8);
+    let config = tiny_config(&dir, &dir, 1);
+    let out = dir.join("out");
+    let output = eio()
+        .args(["run", config.to_str().unwrap(), "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let table = ok(&output);
+    assert!(table.contains("| baseline | white-box PGD |"), "{table}");
+    assert!(table.contains("transfer PGD from surrogate"), "{table}");
+    assert!(table.contains("EIO-derived"), "{table}");
+    for f in [
+        "report.md",
+        "eval.json",
+        "eval.csv",
+        "config.toml",
+        "baseline/model.safetensors",
+        "baseline/metrics.jsonl",
+        "eio/model.safetensors",
+        "eio/metrics.jsonl",
+        "derived/model.safetensors",
+        "derived/folded.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "{f} is missing");
+    }
+    let csv = std::fs::read_to_string(out.join("eval.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4 * 2, "{csv}");
+    let eio_metrics = std::fs::read_to_string(out.join("eio/metrics.jsonl")).unwrap();
+    assert_eq!(eio_metrics.lines().count(), 2, "pre-training + 1 EIO epoch");
+    let derived =
+        Checkpoint::load(&out.join("derived/model.safetensors"), &Device::Cpu, None).unwrap();
+    assert_eq!(derived.meta.config.model.n, 1);
+
+    // Running again without --resume refuses; with --resume it reuses every stage.
+    let again = eio()
+        .args(["run", config.to_str().unwrap(), "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    let resumed = eio()
+        .args([
+            "run",
+            config.to_str().unwrap(),
+            "--quiet",
+            "--resume",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let without_time = |t: &str| -> String {
+        t.lines()
+            .filter(|l| !l.starts_with("wall time"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        without_time(&ok(&resumed)),
+        without_time(&table),
+        "a resumed finished run reports the same table"
+    );
+
+    // eval on the RGN: a path must be chosen; random gates with EOT work.
+    let rgn = out.join("eio/model.safetensors");
+    let no_path = eio()
+        .args(["eval", "--quiet", "--model"])
+        .arg(&rgn)
+        .output()
+        .unwrap();
+    assert!(!no_path.status.success());
+    assert!(String::from_utf8_lossy(&no_path.stderr).contains("--random-gates"));
+    let eval_dir = dir.join("eval");
+    let random = eio()
+        .args([
+            "eval",
+            "--quiet",
+            "--random-gates",
+            "--eot",
+            "2",
+            "--eps",
+            "0.03",
+            "--images",
+            "8",
+            "--model",
+        ])
+        .arg(&rgn)
+        .arg("--transfer-from")
+        .arg(out.join("baseline/model.safetensors"))
+        .arg("--out")
+        .arg(&eval_dir)
+        .output()
+        .unwrap();
+    let t = ok(&random);
+    assert!(t.contains("random gates, EOT 2"), "{t}");
+    assert!(eval_dir.join("eval.json").exists());
+
+    // derive with explicit paths (an ensemble of two) and folding.
+    let derived_dir = dir.join("derived2");
+    let d = eio()
+        .args([
+            "derive",
+            "--quiet",
+            "--path",
+            "0000000",
+            "--path",
+            "1111111",
+            "--finetune-epochs",
+            "0",
+            "--fold-bn",
+            "--from",
+        ])
+        .arg(&rgn)
+        .arg("--out")
+        .arg(&derived_dir)
+        .output()
+        .unwrap();
+    ok(&d);
+    let two = Checkpoint::load(&derived_dir.join("model.safetensors"), &Device::Cpu, None).unwrap();
+    assert_eq!(two.members.len(), 2);
+    let bad_path = eio()
+        .args(["derive", "--quiet", "--path", "01", "--from"])
+        .arg(&rgn)
+        .arg("--out")
+        .arg(dir.join("derived3"))
+        .output()
+        .unwrap();
+    assert!(!bad_path.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_training_process_resumes_to_the_same_weights() {
+    let dir = scratch("kill");
+    write_cifar(&dir, 8);
+    let config = tiny_config(&dir, &dir, 3);
+    let train = |out: &Path, resume: bool| {
+        let mut c = eio();
+        c.args([
+            "train",
+            "--quiet",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+        ])
+        .arg(out);
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let whole = dir.join("whole");
+    ok(&train(&whole, false).output().unwrap());
+
+    let killed = dir.join("killed");
+    let mut child = train(&killed, false).spawn().unwrap();
+    let metrics = killed.join("metrics.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no epoch finished"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "training ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to write anything more
+    child.wait().unwrap();
+    let again = train(&killed, false).output().unwrap();
+    assert!(!again.status.success(), "an existing run needs --resume");
+    ok(&train(&killed, true).output().unwrap());
+
+    let a = Checkpoint::load(
+        &whole.join("model.safetensors"),
+        &Device::Cpu,
+        Some(DType::F32),
+    )
+    .unwrap();
+    let b = Checkpoint::load(
+        &killed.join("model.safetensors"),
+        &Device::Cpu,
+        Some(DType::F32),
+    )
+    .unwrap();
+    for (name, t) in &a.members[0].tensors {
+        let u = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let v = b.members[0].tensors[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            u.iter().zip(&v).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs after kill and resume"
+        );
+    }
+    assert_eq!(a.members[0].counters, b.members[0].counters);
+    let lines = |p: &Path| {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(
+        lines(&whole),
+        lines(&killed),
+        "metrics.jsonl has one line per epoch"
+    );
+
+    // Resuming under another config is refused, naming the setting.
+    let other = train(&killed, true)
+        .args(["--set", "distill.eps=0.05"])
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let dir = scratch("bad");
+    let missing = eio()
+        .args(["train", "--config"])
+        .arg(dir.join("absent.toml"))
+        .arg("--out")
+        .arg(dir.join("o"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("absent.toml"));
+
+    let bad_set = eio()
+        .args([
+            "train",
+            "--preset",
+            "quick",
+            "--set",
+            "distill.eps=-1",
+            "--out",
+        ])
+        .arg(dir.join("o"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&bad_set.stderr);
+    assert!(!bad_set.status.success());
+    assert!(e.contains("distill.eps"), "{e}");
+
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"not a checkpoint").unwrap();
+    let eval = eio().args(["eval", "--model"]).arg(&junk).output().unwrap();
+    let e = String::from_utf8_lossy(&eval.stderr);
+    assert!(!eval.status.success());
+    assert!(e.contains("junk.safetensors"), "{e}");
+
+    let no_data = dir.join("nodata.toml");
+    std::fs::write(
+        &no_data,
+        "[data]\ndataset = \"cifar10\"\npath = \"/nonexistent/cifar\"\n",
+    )
+    .unwrap();
+    let r = eio()
+        .args(["train", "--quiet", "--config"])
+        .arg(&no_data)
+        .arg("--out")
+        .arg(dir.join("o2"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(e.contains("/nonexistent/cifar"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,473 @@
+//! Training runs, checkpoints and derivation: a run stopped at any point and resumed from its
+//! checkpoint ends bit-identical to an uninterrupted one (CPU, every method); checkpoints
+//! reject damaged files and other configs with errors that say what is wrong; a derived path
+//! computes what the RGN computes on that path; folded conv+BN gives the unfolded logits.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use eio_accelerated::checkpoint::{Checkpoint, CheckpointError, Phase};
+use eio_accelerated::derive::{derive_path, FoldedNetwork};
+use eio_accelerated::model::logits;
+use eio_accelerated::state::ModelState;
+use eio_accelerated::train::{self, BatchEvent, EpochRecord, Flow, Observer, Outcome, TrainError};
+use eio_data::{DataSplits, ImageShape, Images};
+use eio_spec::config::{BnMode, Config, Method, Sharing};
+use eio_spec::rng::Seeds;
+use eio_spec::Path;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A tiny config: ResNet-8 at width 0.25 on 3x8x8 images, 4 classes, batch 8.
+fn tiny(method: Method) -> Config {
+    let mut c = Config {
+        seed: 7,
+        ..Config::default()
+    };
+    c.model.depth = 8;
+    c.model.width = 0.25;
+    c.model.classes = 4;
+    c.model.input_size = 8;
+    c.model.sharing = Sharing::Independent;
+    c.model.n = if method == Method::Baseline { 1 } else { 2 };
+    c.train.method = method;
+    c.train.epochs = 2;
+    c.train.batch_size = 8;
+    c.train.milestones = vec![1];
+    c.train.ensemble_size = 2;
+    c.train.adv.steps = 2;
+    c.eio.p = 2;
+    c.eio.pretrain_epochs = 1;
+    c.distill.steps = 2;
+    c.data.validation = 6;
+    c.data.crop_padding = 2;
+    c.eval.batch_size = 5;
+    c.derive.finetune_epochs = 2;
+    c.validate().expect("the tiny config is valid");
+    c
+}
+
+/// Seeded random images (20 train — the last batch is partial —, 6 validation, 10 test).
+fn data(config: &Config) -> DataSplits {
+    let shape = ImageShape::new(3, config.model.input_size, config.model.input_size);
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let mut images = |n: usize| {
+        let pixels = (0..n * shape.len()).map(|_| rng.random::<f32>()).collect();
+        let labels = (0..n).map(|i| (i % config.model.classes) as u32).collect();
+        Images::new(shape, pixels, labels).expect("consistent sizes")
+    };
+    DataSplits {
+        train: images(20),
+        validation: images(6),
+        test: images(10),
+        classes: (0..config.model.classes).map(|c| format!("c{c}")).collect(),
+        source: "synthetic".into(),
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("eio-training-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Stops after a given number of epochs or batches (a simulated kill, with the checkpoint the
+/// run itself wrote), and collects the epoch records.
+struct StopAt {
+    epochs: Option<usize>,
+    batches: Option<usize>,
+    seen_batches: usize,
+    flag: AtomicBool,
+    records: Vec<EpochRecord>,
+}
+
+impl StopAt {
+    fn never() -> Self {
+        StopAt {
+            epochs: None,
+            batches: None,
+            seen_batches: 0,
+            flag: AtomicBool::new(false),
+            records: Vec::new(),
+        }
+    }
+}
+
+impl Observer for StopAt {
+    fn phase(&mut self, _: Phase, _: usize, _: usize, _: usize) {}
+    fn batch(&mut self, _: &BatchEvent) {
+        self.seen_batches += 1;
+        if Some(self.seen_batches) == self.batches {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+    }
+    fn epoch(&mut self, record: &EpochRecord) -> Result<Flow, TrainError> {
+        self.records.push(record.clone());
+        Ok(if Some(self.records.len()) == self.epochs {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    }
+}
+
+fn run(
+    checkpoint: &mut Checkpoint,
+    data: &DataSplits,
+    file: &std::path::Path,
+    observer: &mut StopAt,
+) -> Outcome {
+    let mut persist = file.to_path_buf();
+    let flag = AtomicBool::new(false);
+    // The observer raises its own flag mid-epoch; mirror it into the interrupt the loop polls.
+    struct Relay<'a> {
+        inner: &'a mut StopAt,
+        flag: &'a AtomicBool,
+    }
+    impl Observer for Relay<'_> {
+        fn phase(&mut self, p: Phase, e: usize, n: usize, b: usize) {
+            self.inner.phase(p, e, n, b);
+        }
+        fn batch(&mut self, event: &BatchEvent) {
+            self.inner.batch(event);
+            if self.inner.flag.load(Ordering::SeqCst) {
+                self.flag.store(true, Ordering::SeqCst);
+            }
+        }
+        fn epoch(&mut self, r: &EpochRecord) -> Result<Flow, TrainError> {
+            self.inner.epoch(r)
+        }
+    }
+    let mut relay = Relay {
+        inner: observer,
+        flag: &flag,
+    };
+    train::train(
+        checkpoint,
+        data,
+        &Device::Cpu,
+        &mut relay,
+        &mut persist,
+        &flag,
+    )
+    .expect("training runs")
+}
+
+fn assert_bit_identical(a: &Checkpoint, b: &Checkpoint) {
+    assert_eq!(a.members.len(), b.members.len());
+    for (x, y) in a.members.iter().zip(&b.members) {
+        assert_eq!(x.counters, y.counters, "BatchNorm counters differ");
+        for (name, t) in &x.tensors {
+            let u = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let v = y.tensors[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let same = u.iter().zip(&v).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "tensor {name} differs after resume");
+        }
+    }
+    for (x, y) in a.optimisers.iter().zip(&b.optimisers) {
+        assert_eq!(x.buffers().len(), y.buffers().len());
+        for (name, t) in x.buffers() {
+            let u = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let v = y.buffers()[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(u, v, "momentum buffer {name} differs after resume");
+        }
+    }
+    assert_eq!(a.meta.progress, b.meta.progress);
+}
+
+/// Uninterrupted vs stopped (after `epochs` epochs or `batches` batches), reloaded from the
+/// file the run wrote, and resumed.
+fn kill_and_resume(method: Method, epochs: Option<usize>, batches: Option<usize>) {
+    let config = tiny(method);
+    let data = data(&config);
+    let dir = scratch(&format!("{method:?}-{epochs:?}-{batches:?}"));
+    let whole_file = dir.join("whole.safetensors");
+    let mut whole = train::start(&config, &Device::Cpu, DType::F32).unwrap();
+    let mut observer = StopAt::never();
+    assert_eq!(
+        run(&mut whole, &data, &whole_file, &mut observer),
+        Outcome::Finished
+    );
+    let whole_records = observer.records;
+
+    let file = dir.join("killed.safetensors");
+    let mut first = train::start(&config, &Device::Cpu, DType::F32).unwrap();
+    let mut stopper = StopAt {
+        epochs,
+        batches,
+        ..StopAt::never()
+    };
+    assert_eq!(
+        run(&mut first, &data, &file, &mut stopper),
+        Outcome::Interrupted
+    );
+    drop(first); // everything continues from the file alone
+    let mut resumed = Checkpoint::load(&file, &Device::Cpu, None).unwrap();
+    resumed.check_config(&config, &file).unwrap();
+    let mut rest = StopAt::never();
+    assert_eq!(
+        run(&mut resumed, &data, &file, &mut rest),
+        Outcome::Finished
+    );
+    assert_bit_identical(&whole, &resumed);
+    let mut records = stopper.records;
+    records.extend(rest.records);
+    let strip = |r: &[EpochRecord]| -> Vec<(Phase, usize, String, String)> {
+        r.iter()
+            .map(|r| {
+                (
+                    r.phase,
+                    r.global_epoch,
+                    format!("{:.6}", r.loss),
+                    format!("{:?}", r.validation_accuracy),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(&whole_records),
+        strip(&records),
+        "epoch metrics differ"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn eio_resumes_bit_identically_after_an_epoch() {
+    kill_and_resume(Method::Eio, Some(1), None);
+}
+
+#[test]
+fn eio_resumes_bit_identically_mid_epoch() {
+    // 20 images at batch 8: 3 batches an epoch; stop after batch 2 of the second (main) epoch.
+    kill_and_resume(Method::Eio, None, Some(5));
+}
+
+#[test]
+fn baseline_ensemble_resumes_bit_identically() {
+    kill_and_resume(Method::Baseline, None, Some(2));
+}
+
+#[test]
+fn advt_resumes_bit_identically() {
+    kill_and_resume(Method::Advt, Some(1), None);
+}
+
+#[test]
+fn phases_run_in_order_with_their_learning_rates() {
+    let config = tiny(Method::Eio);
+    let data = data(&config);
+    let dir = scratch("phases");
+    let mut c = train::start(&config, &Device::Cpu, DType::F32).unwrap();
+    let mut observer = StopAt::never();
+    run(&mut c, &data, &dir.join("c.safetensors"), &mut observer);
+    let seen: Vec<(Phase, usize, f64)> = observer
+        .records
+        .iter()
+        .map(|r| (r.phase, r.epoch, r.lr))
+        .collect();
+    let lr = config.train.lr;
+    assert_eq!(
+        seen,
+        vec![
+            (Phase::Pretrain, 0, lr),
+            (Phase::Main, 0, lr),
+            (Phase::Main, 1, lr * config.train.lr_gamma),
+        ]
+    );
+    assert!(observer.records.iter().all(|r| r.images == 20));
+    assert!(observer.records[1].distill_loss.is_some());
+    assert!(observer.records[0].train_accuracy.is_some());
+    assert_eq!(c.meta.progress.phase, Phase::Done);
+    assert_eq!(c.meta.progress.iteration, 9);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_baseline_must_be_a_plain_network() {
+    let mut config = tiny(Method::Baseline);
+    config.model.n = 2;
+    let err = train::start(&config, &Device::Cpu, DType::F32).unwrap_err();
+    assert!(err.to_string().contains("model.n = 1"), "{err}");
+}
+
+#[test]
+fn checkpoints_round_trip_and_reject_damage() {
+    let config = tiny(Method::Eio);
+    let dir = scratch("damage");
+    let file = dir.join("c.safetensors");
+    let mut c = train::start(&config, &Device::Cpu, DType::F32).unwrap();
+    let mut observer = StopAt {
+        epochs: Some(1),
+        ..StopAt::never()
+    };
+    run(&mut c, &data(&config), &file, &mut observer);
+    let back = Checkpoint::load(&file, &Device::Cpu, None).unwrap();
+    assert_bit_identical(&c, &back);
+    assert_eq!(back.meta, c.meta);
+
+    // Another config.
+    let mut other = config.clone();
+    other.distill.eps = 0.05;
+    match back.check_config(&other, &file) {
+        Err(CheckpointError::ConfigMismatch { differences, .. }) => {
+            assert!(differences.contains("distill.eps"), "{differences}")
+        }
+        r => panic!("expected a config mismatch, got {r:?}"),
+    }
+
+    // Truncated.
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Checkpoint::load(&cut, &Device::Cpu, None).unwrap_err();
+    assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("cut.safetensors"), "{err}");
+
+    // A plain safetensors file without eio metadata.
+    let plain = dir.join("plain.safetensors");
+    c.members[0].save(&plain).unwrap();
+    let err = Checkpoint::load(&plain, &Device::Cpu, None).unwrap_err();
+    assert!(matches!(err, CheckpointError::NoMetadata { .. }), "{err}");
+
+    // A missing tensor.
+    let mut missing = c.clone();
+    let name = missing.members[0].tensors.keys().nth(3).unwrap().clone();
+    missing.members[0].tensors.remove(&name);
+    let holed = dir.join("holed.safetensors");
+    missing.save(&holed).unwrap();
+    match Checkpoint::load(&holed, &Device::Cpu, None).unwrap_err() {
+        CheckpointError::MissingTensor { name: n, .. } => assert_eq!(n, name),
+        e => panic!("expected a missing tensor, got {e}"),
+    }
+
+    // No file at all.
+    let err = Checkpoint::load(&dir.join("absent.safetensors"), &Device::Cpu, None).unwrap_err();
+    assert!(matches!(err, CheckpointError::Read { .. }), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An RGN state whose BatchNorm statistics and affine parameters are not the initial 0/1
+/// (so that a wrong candidate or a wrong fold would show).
+fn perturbed_state(config: &Config, dtype: DType) -> ModelState {
+    let plan = config.plan().unwrap();
+    let mut state = ModelState::init(&plan, &Seeds::new(3), 0, &Device::Cpu, dtype).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (name, t) in state.tensors.iter_mut() {
+        if name.contains("running_var") || name.ends_with(".1.weight") {
+            let n = t.elem_count();
+            let v: Vec<f64> = (0..n).map(|_| rng.random_range(0.5..1.5)).collect();
+            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+        } else if name.contains("running_mean") || name.ends_with(".1.bias") {
+            let n = t.elem_count();
+            let v: Vec<f64> = (0..n).map(|_| rng.random_range(-0.3..0.3)).collect();
+            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+        }
+    }
+    state
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn a_derived_path_computes_what_the_rgn_computes_on_it() {
+    for sharing in [Sharing::Independent, Sharing::SharedConv] {
+        let mut config = tiny(Method::Eio);
+        config.model.sharing = sharing;
+        let plan = config.plan().unwrap();
+        let state = perturbed_state(&config, DType::F64);
+        let data = data(&config);
+        let (x, _) = train::to_tensors(
+            data.test.pixels.clone(),
+            data.test.labels.clone(),
+            &data.test,
+            &Device::Cpu,
+            DType::F64,
+        )
+        .unwrap();
+        for bits in [0u128, 1, 0b1011010] {
+            let path = plan.path_space().path_at(bits).unwrap();
+            let (derived_config, derived) = derive_path(&config, &state, &path).unwrap();
+            assert_eq!(derived_config.model.n, 1);
+            let plain = derived_config.plan().unwrap();
+            let (z_rgn, _) = logits(&plan, &state, &path, &x, BnMode::Eval).unwrap();
+            let zeros = Path::new(vec![0; plain.k()]);
+            let (z, _) = logits(&plain, &derived, &zeros, &x, BnMode::Eval).unwrap();
+            assert_eq!(max_abs_diff(&z_rgn, &z), 0.0, "{sharing:?} path {path}");
+        }
+        // Different paths really differ (the test would catch a derive that ignores the path).
+        let a = plan.path_space().path_at(0).unwrap();
+        let b = plan.path_space().path_at(1).unwrap();
+        let (za, _) = logits(&plan, &state, &a, &x, BnMode::Eval).unwrap();
+        let (zb, _) = logits(&plan, &state, &b, &x, BnMode::Eval).unwrap();
+        assert!(max_abs_diff(&za, &zb) > 1e-6);
+    }
+}
+
+#[test]
+fn folded_batch_norm_gives_the_unfolded_logits() {
+    for (dtype, bound) in [(DType::F64, 1e-12), (DType::F32, 1e-4)] {
+        let mut config = tiny(Method::Baseline);
+        config.model.n = 1;
+        let plan = config.plan().unwrap();
+        let state = perturbed_state(&config, dtype);
+        let data = data(&config);
+        let (x, _) = train::to_tensors(
+            data.test.pixels.clone(),
+            data.test.labels.clone(),
+            &data.test,
+            &Device::Cpu,
+            dtype,
+        )
+        .unwrap();
+        let folded = FoldedNetwork::fold(&plan, &state).unwrap();
+        let summary = folded.summary();
+        assert_eq!(summary.unfolded_batch_norms, 0);
+        assert_eq!(
+            summary.folded_pairs, 9,
+            "ResNet-8: 7 gated + 2 shortcut conv+BN pairs"
+        );
+        let zeros = Path::new(vec![0; plan.k()]);
+        let (z, _) = logits(&plan, &state, &zeros, &x, BnMode::Eval).unwrap();
+        let zf = folded.logits(&x).unwrap();
+        let diff = max_abs_diff(&z, &zf);
+        assert!(diff <= bound, "{dtype:?}: folded logits differ by {diff}");
+        // No BatchNorm tensors remain in the deployment file; every conv has a bias.
+        let tensors = folded.tensors().unwrap();
+        assert!(tensors.keys().all(|k| !k.contains("running_")));
+        let convs = tensors
+            .keys()
+            .filter(|k| k.ends_with(".0.bias") || k.contains("downsample.0.bias"))
+            .count();
+        assert_eq!(convs, 9);
+    }
+}
