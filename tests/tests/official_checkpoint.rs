@@ -29,7 +29,10 @@ fn skip(reason: &str) {
         .write_all(format!("\nskipped: official_checkpoint: {reason}\n").as_bytes());
 }
 
-fn reference_state(plan: &Plan, values: &BTreeMap<String, Vec<f64>>) -> eio_reference::state::ModelState {
+fn reference_state(
+    plan: &Plan,
+    values: &BTreeMap<String, Vec<f64>>,
+) -> eio_reference::state::ModelState {
     let mut state = eio_reference::state::ModelState {
         tensors: BTreeMap::new(),
         counters: BTreeMap::new(),
@@ -51,7 +54,10 @@ fn reference_state(plan: &Plan, values: &BTreeMap<String, Vec<f64>>) -> eio_refe
 fn argmax(row: &[f64]) -> usize {
     row.iter()
         .enumerate()
-        .fold((0, f64::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b })
+        .fold(
+            (0, f64::NEG_INFINITY),
+            |b, (k, &v)| if v > b.1 { (k, v) } else { b },
+        )
         .0
 }
 
@@ -71,12 +77,19 @@ fn released_rgn_matches_the_fact_sheet_in_both_engines() {
     assert_eq!(data.test.len(), 10_000);
     let (ckpt, summary) = import(&checkpoint, &config, false, &Device::Cpu, DType::F32).unwrap();
     let plan = ckpt.plan().unwrap();
-    assert_eq!(summary.tensors, plan.params.len(), "every plan tensor is imported");
+    assert_eq!(
+        summary.tensors,
+        plan.params.len(),
+        "every plan tensor is imported"
+    );
     let state = &ckpt.members[0];
     let space = plan.path_space();
     let values = state.to_values().unwrap();
     let reference = reference_state(&plan, &values);
-    for (gates, expected) in [("0000000000000000000", 84.53), ("1111111111111111111", 84.18)] {
+    for (gates, expected) in [
+        ("0000000000000000000", 84.53),
+        ("1111111111111111111", 84.18),
+    ] {
         let path = space.parse(gates).unwrap();
         let mut correct = 0;
         let mut checked = 0;
@@ -101,9 +114,13 @@ fn released_rgn_matches_the_fact_sheet_in_both_engines() {
             if start == 0 {
                 // The reference on the same decoded pixels: same logits to 1e-4, same classes.
                 let n = 40;
-                let pixels: Vec<f64> = part.pixels[..n * 3072].iter().map(|&p| f64::from(p)).collect();
+                let pixels: Vec<f64> = part.pixels[..n * 3072]
+                    .iter()
+                    .map(|&p| f64::from(p))
+                    .collect();
                 let input = Array4::from_shape_vec((n, 3, 32, 32), pixels).unwrap();
-                let (zr, _) = eio_reference::model::logits(&plan, &reference, &path, &input, BnMode::Eval);
+                let (zr, _) =
+                    eio_reference::model::logits(&plan, &reference, &path, &input, BnMode::Eval);
                 for (i, row) in z.iter().take(n).enumerate() {
                     for (k, &v) in row.iter().enumerate() {
                         let r = zr[[i, k]];
