@@ -4,41 +4,21 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use eio_interop::torch::{Container, TorchDtype};
 use eio_interop::{import_state_dict, read_state_dict_file, ImportOptions, NormalizerSource};
 use eio_reference::state::ModelState;
 use eio_spec::config::{BnMode, Config, Sharing};
-use eio_spec::plan::{Plan, Role};
+use eio_spec::plan::Plan;
 use eio_spec::Path;
-use ndarray::{Array4, ArrayD, IxDyn};
+use ndarray::Array4;
 
 fn official_plan(sharing: Sharing) -> Plan {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/official.toml");
     let mut config = Config::load(&path).expect("configs/official.toml loads");
     config.model.sharing = sharing;
     config.plan().expect("the official plan builds")
-}
-
-fn reference_state(plan: &Plan, values: &BTreeMap<String, Vec<f64>>) -> ModelState {
-    let mut state = ModelState {
-        tensors: BTreeMap::new(),
-        counters: BTreeMap::new(),
-    };
-    for p in &plan.params {
-        let v = values[&p.name].clone();
-        if p.role == Role::Counter {
-            state.counters.insert(p.name.clone(), v[0] as i64);
-        } else {
-            state.tensors.insert(
-                p.name.clone(),
-                ArrayD::from_shape_vec(IxDyn(&p.shape), v).expect("plan shape"),
-            );
-        }
-    }
-    state
 }
 
 /// Formula-defined pixels in [0, 1].
@@ -159,7 +139,7 @@ fn released_checkpoint_imports_into_both_sharing_modes_and_runs() {
         let p: Path = gates.parse().unwrap();
         let (a, _) = eio_reference::model::logits(
             &shared_plan,
-            &reference_state(&shared_plan, &shared.values),
+            &ModelState::from_values(&shared_plan, &shared.values, "imported").unwrap(),
             &p,
             &x,
             BnMode::Eval,
@@ -168,7 +148,8 @@ fn released_checkpoint_imports_into_both_sharing_modes_and_runs() {
             // (one path is enough: the reference forward is slow at opt-level 1)
             let (b, _) = eio_reference::model::logits(
                 &independent_plan,
-                &reference_state(&independent_plan, &independent.values),
+                &ModelState::from_values(&independent_plan, &independent.values, "imported")
+                    .unwrap(),
                 &p,
                 &x,
                 BnMode::Eval,

@@ -75,24 +75,49 @@ impl ModelState {
     /// The initial state of `plan` for ensemble member `member`, from
     /// [`Plan::initial_values`] (the same numbers every engine starts from).
     pub fn init(plan: &Plan, seeds: &Seeds, member: u64) -> Self {
+        let values: BTreeMap<String, Vec<f64>> =
+            plan.initial_values(seeds, member).into_iter().collect();
+        Self::from_values(plan, &values, "initial values")
+            .expect("the plan's initial values match its shapes")
+    }
+
+    /// A state from host values by name (row-major; a counter is one value), e.g. an imported
+    /// PyTorch checkpoint; `origin` names them in errors.
+    ///
+    /// # Errors
+    /// [`StateError::Missing`] or [`StateError::Shape`] naming the tensor.
+    pub fn from_values(
+        plan: &Plan,
+        values: &BTreeMap<String, Vec<f64>>,
+        origin: &str,
+    ) -> Result<Self, StateError> {
         let mut state = ModelState {
             tensors: BTreeMap::new(),
             counters: BTreeMap::new(),
         };
-        for ((name, values), spec) in plan
-            .initial_values(seeds, member)
-            .into_iter()
-            .zip(&plan.params)
-        {
+        for spec in &plan.params {
+            let v = values.get(&spec.name).ok_or_else(|| StateError::Missing {
+                origin: origin.to_string(),
+                name: spec.name.clone(),
+                plan: plan.name.clone(),
+            })?;
+            if v.len() != spec.numel() {
+                return Err(StateError::Shape {
+                    origin: origin.to_string(),
+                    name: spec.name.clone(),
+                    got: vec![v.len()],
+                    expected: spec.shape.clone(),
+                });
+            }
             if spec.role == Role::Counter {
-                state.counters.insert(name, 0);
+                state.counters.insert(spec.name.clone(), v[0] as i64);
             } else {
-                let array = ArrayD::from_shape_vec(IxDyn(&spec.shape), values)
-                    .expect("the plan's initial values match its shapes");
-                state.tensors.insert(name, array);
+                let array = ArrayD::from_shape_vec(IxDyn(&spec.shape), v.clone())
+                    .expect("the length was checked against the shape");
+                state.tensors.insert(spec.name.clone(), array);
             }
         }
-        state
+        Ok(state)
     }
 
     /// The tensor called `name`.

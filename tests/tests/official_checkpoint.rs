@@ -5,7 +5,6 @@
 //! engines give the same logits (1e-4) and predictions on the same decoded pixels.
 //! Skips, with a visible line, when the checkpoint or the data set is not on this machine.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -13,9 +12,8 @@ use candle_core::{DType, Device};
 use eio_accelerated::model::logits;
 use eio_accelerated::pytorch::import;
 use eio_spec::config::{BnMode, Config, Preset};
-use eio_spec::plan::{Plan, Role};
 use eio_spec::rng::Seeds;
-use ndarray::{Array4, ArrayD, IxDyn};
+use ndarray::Array4;
 
 fn shared() -> PathBuf {
     match std::env::var_os("EIO_SHARED") {
@@ -27,28 +25,6 @@ fn shared() -> PathBuf {
 fn skip(reason: &str) {
     let _ = std::io::stderr()
         .write_all(format!("\nskipped: official_checkpoint: {reason}\n").as_bytes());
-}
-
-fn reference_state(
-    plan: &Plan,
-    values: &BTreeMap<String, Vec<f64>>,
-) -> eio_reference::state::ModelState {
-    let mut state = eio_reference::state::ModelState {
-        tensors: BTreeMap::new(),
-        counters: BTreeMap::new(),
-    };
-    for p in &plan.params {
-        let v = values[&p.name].clone();
-        if p.role == Role::Counter {
-            state.counters.insert(p.name.clone(), v[0] as i64);
-        } else {
-            state.tensors.insert(
-                p.name.clone(),
-                ArrayD::from_shape_vec(IxDyn(&p.shape), v).expect("plan shape"),
-            );
-        }
-    }
-    state
 }
 
 fn argmax(row: &[f64]) -> usize {
@@ -85,7 +61,8 @@ fn released_rgn_matches_the_fact_sheet_in_both_engines() {
     let state = &ckpt.members[0];
     let space = plan.path_space();
     let values = state.to_values().unwrap();
-    let reference = reference_state(&plan, &values);
+    let reference =
+        eio_reference::state::ModelState::from_values(&plan, &values, "imported").unwrap();
     for (gates, expected) in [
         ("0000000000000000000", 84.53),
         ("1111111111111111111", 84.18),
