@@ -9,7 +9,8 @@
 //!
 //! Flags (all optional): `--device cpu|cuda|cuda:N`, `--dtype f32|f64`, `--batch N` (EIO and
 //! clean step), `--iters N` (timed repetitions of every full-size measurement), `--warmup N`,
-//! `--pgd-batch N`, `--pgd-steps N`, `--ratio-iters N`, `--ratio-engines reference,f64,f32` (a
+//! `--pgd-batch N`, `--pgd-steps N`, `--ratio-iters N`, `--cifar-iters N` (timed repetitions
+//! at CIFAR shape, default 2), `--ratio-engines reference,f64,f32` (a
 //! subset, e.g. to profile one engine), `--ratio-full-clean` (the ratio of the clean step
 //! at the full size too), `--skip-ratio-cifar`, `--skip-full`, `--skip-ratio`, `--ops` (adds the
 //! op-class profile below).
@@ -22,8 +23,8 @@
 //! * **ratio**: a small config both engines can run (ResNet-8, width 0.5, 16x16, batch 16,
 //!   n = 2, p = 2, 3 distillation steps), on the CPU: the reference (f64) against the
 //!   accelerated engine in f64 and f32, on identical data, draws and random streams; then the
-//!   same at CIFAR shape and full width (ResNet-8, 3x32x32, batch 32; 1 warm-up and at most 2
-//!   timed repetitions, the reference's EIO iteration takes about half a minute there).
+//!   same at CIFAR shape and full width (ResNet-8, 3x32x32, batch 32; 1 warm-up and 2 timed
+//!   repetitions by default, the reference's EIO iteration takes 10-30 s there).
 //! * **ops** (with `--ops`): where one clean training step spends its time, by op class. Each op
 //!   of one forward and backward pass along one path is re-run alone, with the arguments
 //!   `model::forward` / `model::backward` give it, and timed (median of repetitions). Run on
@@ -59,6 +60,7 @@ struct Args {
     pgd_batch: Option<usize>,
     pgd_steps: usize,
     ratio_iters: usize,
+    cifar_iters: usize,
     ratio_engines: String,
     ratio_full_clean: bool,
     skip_ratio_cifar: bool,
@@ -77,6 +79,7 @@ fn parse_args() -> BenchResult<Args> {
         pgd_batch: None,
         pgd_steps: 50,
         ratio_iters: 5,
+        cifar_iters: 2,
         ratio_engines: "reference,f64,f32".into(),
         ratio_full_clean: false,
         skip_ratio_cifar: false,
@@ -101,6 +104,7 @@ fn parse_args() -> BenchResult<Args> {
             "--pgd-batch" => args.pgd_batch = Some(value()?.parse()?),
             "--pgd-steps" => args.pgd_steps = value()?.parse()?,
             "--ratio-iters" => args.ratio_iters = value()?.parse()?,
+            "--cifar-iters" => args.cifar_iters = value()?.parse()?,
             "--ratio-engines" => args.ratio_engines = value()?,
             "--ratio-full-clean" => args.ratio_full_clean = true,
             "--skip-ratio-cifar" => args.skip_ratio_cifar = true,
@@ -233,10 +237,9 @@ fn clean_path(plan: &Plan, seeds: &Seeds, i: u64) -> Path {
 fn describe(config: &Config, plan: &Plan, batch: usize) -> String {
     let m = &config.model;
     format!(
-        "{:?}-{} width {} n={} sharing={:?} K={} L={} params={} | input {}x{}x{} classes {} batch {} | \
+        "{} width {} n={} sharing={:?} K={} L={} params={} | input {}x{}x{} classes {} batch {} | \
          p={} ({:?}) loss_scale={:?} unused={:?} adversarial_term={} | distill steps={} eps={} bn={:?} feature={:?}",
-        m.arch,
-        m.depth,
+        m.name(),
         m.width,
         m.n,
         m.sharing,
@@ -578,7 +581,7 @@ fn ratio(args: &Args) -> BenchResult<()> {
             "ratio-cifar",
             "ResNet-8 at CIFAR shape",
             &cifar_config()?,
-            Some(args.ratio_iters.min(2)),
+            Some(args.cifar_iters),
             true,
             args,
         )?;
@@ -898,7 +901,8 @@ fn op_profile(
 }
 
 fn main() {
-    if let Err(e) = run() {
+    // On a worker of the kernels' pool, as the `eio` command runs (see `device::on_cpu_pool`).
+    if let Err(e) = eio_accelerated::device::on_cpu_pool(|| run().map_err(|e| e.to_string())) {
         eprintln!("eio engine bench: {e}");
         std::process::exit(1);
     }

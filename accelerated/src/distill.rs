@@ -1,8 +1,15 @@
 //! Eq. 2 on the device: projected sign-gradient descent towards the layer-l feature of x_t
 //! (the semantics and every switch are documented in `eio_reference::distill`).
+//!
+//! One difference in work, none in results: the reference (like DVERGE and the authors' code)
+//! recomputes f^l_P(x_t) at every step. With eval-mode BatchNorm that pass reads nothing the
+//! steps change (the weights are fixed and an eval pass updates no running statistics), so it
+//! runs once here and every step compares against the same tensor the recomputation would
+//! give. Train-mode BatchNorm keeps the per-step target pass: each one updates the running
+//! statistics, after the source pass, as PyTorch does.
 
 use candle_core::{Result, Tensor};
-use eio_spec::config::DistillConfig;
+use eio_spec::config::{BnMode, DistillConfig};
 use eio_spec::{Path, Plan};
 use rand::Rng;
 
@@ -65,12 +72,26 @@ pub fn eq2_distill<R: Rng + ?Sized>(
     let mut momentum: Option<Tensor> = None;
     let mut losses = Vec::with_capacity(config.steps);
     let mut sign_ties = 0;
+    let fixed_target = match config.bn_mode {
+        BnMode::Eval if config.steps > 0 => Some(
+            forward(plan, state, path, x_t, BnMode::Eval, feature)?
+                .output(feature)
+                .clone(),
+        ),
+        _ => None,
+    };
     for _ in 0..config.steps {
         let source = forward(plan, state, path, &z, config.bn_mode, feature)?;
         state.commit(&source);
-        let target = forward(plan, state, path, x_t, config.bn_mode, feature)?;
-        state.commit(&target);
-        let (loss, grad) = ops::mse(source.output(feature), target.output(feature))?;
+        let target = match &fixed_target {
+            Some(t) => t.clone(),
+            None => {
+                let target = forward(plan, state, path, x_t, config.bn_mode, feature)?;
+                state.commit(&target);
+                target.output(feature).clone()
+            }
+        };
+        let (loss, grad) = ops::mse(source.output(feature), &target)?;
         losses.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
         let grad = input_gradient(plan, state, &source, &[(feature, grad)])?;
         let direction = if config.momentum {

@@ -808,14 +808,13 @@ fn markdown(config: &Config, report: &PipelineReport, images: usize) -> String {
         .collect();
     format!(
         "# eio run report\n\n\
-         Dataset `{:?}`, model {:?}-{} width {} (EIO: n = {}, p = {}), seed {}.\n\
+         Dataset `{:?}`, model {} width {} (EIO: n = {}, p = {}), seed {}.\n\
          EIO-derived path: `{}`.\n\n\
          All-or-nothing accuracy on {images} test images (a fixed seeded subset): PGD, {} steps, \
          step eps·{}, {} restart(s), loss {}; an image counts as robust only if every version \
          fails. Transfer examples are made on the independently trained surrogate baseline.\n\n{}",
         config.data.dataset,
-        config.model.arch,
-        config.model.depth,
+        config.model.name(),
         config.model.width,
         config.model.n,
         config.eio.p,

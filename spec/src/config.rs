@@ -112,6 +112,16 @@ pub struct ModelConfig {
     pub vgg_gated: VggGating,
 }
 
+impl ModelConfig {
+    /// The network's usual name: `ResNet-20`, `VGG-16`.
+    pub fn name(&self) -> String {
+        match self.arch {
+            Arch::Resnet => format!("ResNet-{}", self.depth),
+            Arch::Vgg16 => "VGG-16".into(),
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {

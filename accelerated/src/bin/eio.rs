@@ -218,7 +218,9 @@ struct RunArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Every command runs on a worker of the CPU kernels' pool (see `device::on_cpu_pool`).
+    match eio_accelerated::device::on_cpu_pool(|| run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

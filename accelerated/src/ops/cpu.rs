@@ -418,6 +418,16 @@ mod tests {
             (1, 1, 1, 2, 1, 1, 0),
             (2, 3, 6, 2, 5, 1, 2),
             (5, 8, 4, 16, 3, 1, 1),
+            // Batches of several GEMM chunks, the last one short (chunks of 3 images).
+            (9, 4, 6, 5, 3, 1, 1),
+            (10, 3, 4, 4, 3, 2, 1),
+            (11, 6, 3, 4, 1, 1, 0),
+            // Stride 1 without padding, and a 5x5 kernel with padding 2, over several chunks.
+            (2, 3, 7, 4, 3, 1, 0),
+            (3, 2, 9, 3, 5, 1, 2),
+            // f32 chunks of 2 images (a 27 x 1024 im2col matrix each), so a thread's range of
+            // 3 images ends with a narrower chunk.
+            (6, 3, 32, 4, 3, 1, 1),
         ];
         for (n, c_in, size, c_out, k, s, p) in cases {
             let what = format!(
@@ -562,6 +572,34 @@ mod tests {
     #[test]
     fn cpu_kernels_match_stock_candle_f32() {
         run::<f32>(DType::F32);
+    }
+
+    /// The convolution kernels chunk the batch by shape alone and add dL/dw's partial sums in
+    /// chunk order, so 1, 2 and 3 threads give the same bits.
+    #[test]
+    fn conv_results_do_not_depend_on_the_thread_count() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let x = random(&[13, 5, 7, 7], DType::F32, &mut rng);
+        let w = random(&[6, 5, 3, 3], DType::F32, &mut rng);
+        let g = random(&[13, 6, 7, 7], DType::F32, &mut rng);
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool")
+                .install(|| {
+                    let y = conv2d::<f32>(&x, &w, 1, 1).expect("conv");
+                    let (dx, dw) = conv2d_backward::<f32>(&x, &w, &g, 1, 1).expect("backward");
+                    (y, dx, dw)
+                })
+        };
+        let one = on(1);
+        for threads in [2, 3] {
+            let other = on(threads);
+            assert_same(&format!("y on {threads} threads"), &other.0, &one.0);
+            assert_same(&format!("dL/dx on {threads} threads"), &other.1, &one.1);
+            assert_same(&format!("dL/dw on {threads} threads"), &other.2, &one.2);
+        }
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! the batch (or channels) on rayon's global pool. No candle types beyond the element trait:
 //! [`super::cpu`] moves tensors in and out.
 //!
-//! Convolutions are im2col + one GEMM per image (the `gemm` crate candle itself uses), with the
-//! convolution of image n written as `Y_n = W · cols(X_n)`, where `W` is the weight viewed as
-//! `[C_out, K]`, `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches
-//! (zero where a tap falls in the padding). Its gradients are then two more GEMMs:
-//! `dX_n = col2im(Wᵀ · dY_n)` and `dW = Σ_n dY_n · cols(X_n)ᵀ`. A 1x1 convolution with
-//! stride 1 and no padding skips im2col (`cols(X_n) = X_n`).
+//! Convolutions are im2col + GEMM (the `gemm` crate candle itself uses), with the convolution
+//! of image n written as `Y_n = W · cols(X_n)`, where `W` is the weight viewed as `[C_out, K]`,
+//! `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches (zero where a
+//! tap falls in the padding). Its gradients are then two more GEMMs: `dX_n = col2im(Wᵀ · dY_n)`
+//! and `dW = Σ_n dY_n · cols(X_n)ᵀ`. The batch is cut into chunks of a few images whose
+//! matrices sit side by side (`[cols(X_1) … cols(X_c)]`), one GEMM per chunk, so that a GEMM
+//! with only `C_out` = 8-64 rows still has thousands of columns; the chunks run in parallel.
+//! The chunking depends on the shapes only, so results do not depend on the thread count.
 //!
 //! BatchNorm works on the `[N, C, H·W]` view of a map: per-channel sums in one (statistics:
 //! two) pass over the channel's N blocks, then one elementwise pass over all N·C blocks.
@@ -28,12 +30,6 @@ const MIN_PARALLEL_ELEMS: usize = 1 << 14;
 /// [`MIN_PARALLEL_ELEMS`] elements.
 fn min_blocks(block: usize) -> usize {
     MIN_PARALLEL_ELEMS.div_ceil(block.max(1))
-}
-
-/// Images per rayon task of a batch of `n`: one contiguous range per thread, so each task
-/// allocates its im2col scratch once.
-fn images_per_task(n: usize) -> usize {
-    n.div_ceil(rayon::current_num_threads()).max(1)
 }
 
 /// `dst ← lhs · rhs` (or `dst ← dst + lhs · rhs` with `accumulate`), single-threaded, where
@@ -137,11 +133,6 @@ impl ConvGeom {
         self.c_out * self.out_pixels()
     }
 
-    /// 1x1, stride 1, no padding: `cols(X_n) = X_n`.
-    fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
-    }
-
     /// Output positions `o` of one axis whose input `o·s + tap − p` lies in `0..len`.
     fn valid(&self, tap: usize, len: usize, out_len: usize) -> std::ops::Range<usize> {
         let (s, p) = (self.stride, self.padding);
@@ -184,16 +175,25 @@ impl ConvGeom {
     }
 }
 
-/// `cols[(ci·kh + ky)·kw + kx][oy·Wo + ox] = x[ci][oy·s + ky − p][ox·s + kx − p]` (0 outside the
-/// image), for one image `x` (`[C_in, H, W]`) into `cols` (`[K, Ho·Wo]`). Writes only the
-/// in-image entries, which are the same for every image of one geometry: `cols` must come
-/// zeroed, or from an earlier call with the same geometry.
-fn im2col<T: Real>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
+/// One chunk's column block: the `[K, width]` matrices of the batched GEMMs hold image `i` of
+/// the chunk in columns `i·Ho·Wo .. (i+1)·Ho·Wo`.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    /// Row length (elements) of the chunk matrix.
+    width: usize,
+    /// First column of this image.
+    offset: usize,
+}
+
+/// `cols[(ci·kh + ky)·kw + kx][offset + oy·Wo + ox] = x[ci][oy·s + ky − p][ox·s + kx − p]` (0
+/// outside the image), for one image `x` (`[C_in, H, W]`) into its column block of `cols`
+/// (`[K, width]`). Writes only the in-image entries, which are the same for every image of one
+/// geometry: `cols` must come zeroed, or from an earlier call with the same geometry and block.
+fn im2col<T: Real>(g: &ConvGeom, x: &[T], cols: &mut [T], at: Block) {
     let (wo, hw) = (g.out_w(), g.h * g.w);
-    let pixels = g.out_pixels();
     g.for_each_patch_row(|ci, row, oy, iy, ox, ix0| {
         let src = &x[ci * hw + iy * g.w..][..g.w];
-        let dst = &mut cols[row * pixels + oy * wo..][ox.clone()];
+        let dst = &mut cols[row * at.width + at.offset + oy * wo..][ox.clone()];
         if g.stride == 1 {
             dst.copy_from_slice(&src[ix0..ix0 + dst.len()]);
         } else {
@@ -204,15 +204,14 @@ fn im2col<T: Real>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
     });
 }
 
-/// The adjoint of [`im2col`]: `dx[ci][iy][ix] = Σ dcols[row][pixel]` over the (tap, output
-/// pixel) pairs that read `x[ci][iy][ix]`. Overwrites `dx` (`[C_in, H, W]`).
-fn col2im<T: Real>(g: &ConvGeom, dcols: &[T], dx: &mut [T]) {
+/// The adjoint of [`im2col`]: `dx[ci][iy][ix] = Σ dcols[row][offset + pixel]` over the (tap,
+/// output pixel) pairs that read `x[ci][iy][ix]`. Overwrites `dx` (`[C_in, H, W]`).
+fn col2im<T: Real>(g: &ConvGeom, dcols: &[T], at: Block, dx: &mut [T]) {
     let (wo, hw) = (g.out_w(), g.h * g.w);
-    let pixels = g.out_pixels();
     dx.fill(T::zero());
     g.for_each_patch_row(|ci, row, oy, iy, ox, ix0| {
         let dst = &mut dx[ci * hw + iy * g.w..][..g.w];
-        let src = &dcols[row * pixels + oy * wo..][ox];
+        let src = &dcols[row * at.width + at.offset + oy * wo..][ox];
         if g.stride == 1 {
             for (d, &s) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
                 *d += s;
@@ -225,110 +224,209 @@ fn col2im<T: Real>(g: &ConvGeom, dcols: &[T], dx: &mut [T]) {
     });
 }
 
-/// Convolution forward: `Y_n = W · cols(X_n)` for every image n, into `y` (`[N, C_out, Ho, Wo]`).
+/// Bytes of im2col matrix one chunk may fill: a chunk's matrix is written and then read back
+/// by its GEMM, so it should stay in a core's L2 cache (512 KiB on the smallest machines we
+/// measured) next to `gemm`'s packed panels.
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// Images per chunk of the batched convolution GEMMs: as many as fit [`CHUNK_BYTES`], at least
+/// one.
+fn images_per_chunk<T>(g: &ConvGeom) -> usize {
+    let image_bytes = g.k() * g.out_pixels() * std::mem::size_of::<T>();
+    (CHUNK_BYTES / image_bytes.max(1)).max(1)
+}
+
+/// Parts dL/dw's batch is split into: each part's sum runs on one thread, then the parts are
+/// added in order. A constant, not the thread count, so dL/dw has the same bits on every
+/// machine.
+const WEIGHT_GRAD_PARTS: usize = 2;
+
+/// Images per rayon task when a batch of `n` is split into `parts` contiguous ranges.
+fn images_per_task(n: usize, parts: usize) -> usize {
+    n.div_ceil(parts.max(1)).max(1)
+}
+
+/// The `[C_out, images·Ho·Wo]` matrix of a chunk's output maps (`maps`, `[images, C_out, Ho,
+/// Wo]`): row `co` holds channel `co` of each image in turn.
+fn gather<T: Real>(g: &ConvGeom, maps: &[T], mat: &mut [T]) {
+    let pixels = g.out_pixels();
+    let width = maps.len() / g.c_out;
+    for (i, map) in maps.chunks(g.out_image()).enumerate() {
+        for (co, row) in map.chunks(pixels).enumerate() {
+            mat[co * width + i * pixels..][..pixels].copy_from_slice(row);
+        }
+    }
+}
+
+/// The inverse of [`gather`]: the maps of a chunk from its `[C_out, images·Ho·Wo]` matrix.
+fn scatter<T: Real>(g: &ConvGeom, mat: &[T], maps: &mut [T]) {
+    let pixels = g.out_pixels();
+    let width = maps.len() / g.c_out;
+    for (i, map) in maps.chunks_mut(g.out_image()).enumerate() {
+        for (co, row) in map.chunks_mut(pixels).enumerate() {
+            row.copy_from_slice(&mat[co * width + i * pixels..][..pixels]);
+        }
+    }
+}
+
+/// Scratch for a chunk's im2col matrix, reused across the chunks one rayon task takes.
+struct Cols<T> {
+    data: Vec<T>,
+    /// Row length of the layout `data` holds, whose padding entries are zero.
+    width: usize,
+}
+
+impl<T: Real> Cols<T> {
+    fn new(g: &ConvGeom, width: usize) -> Self {
+        Self {
+            data: vec![T::zero(); g.k() * width],
+            width,
+        }
+    }
+
+    /// im2col of every image of a chunk (`xs`, `[images, C_in, H, W]`) into the
+    /// `[K, images·Ho·Wo]` matrix. [`im2col`] leaves padding entries as they are, so a chunk
+    /// of another width (the batch's last) first zeroes the buffer.
+    fn fill(&mut self, g: &ConvGeom, xs: &[T]) -> &[T] {
+        let pixels = g.out_pixels();
+        let width = xs.len() / g.in_image() * pixels;
+        if width != self.width {
+            self.data.fill(T::zero());
+            self.width = width;
+        }
+        for (i, x) in xs.chunks(g.in_image()).enumerate() {
+            let at = Block {
+                width,
+                offset: i * pixels,
+            };
+            im2col(g, x, &mut self.data, at);
+        }
+        &self.data
+    }
+}
+
+/// Convolution forward: `Y = W · [cols(X_1) … cols(X_c)]` for each chunk of images (see
+/// [`images_per_chunk`]), into `y` (`[N, C_out, Ho, Wo]`); one range of images per thread.
 pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
-    let (k, pixels) = (g.k(), g.out_pixels());
-    let scratch = if g.is_pointwise() { 0 } else { k * pixels };
-    y.par_chunks_mut(g.out_image())
-        .zip(x.par_chunks(g.in_image()))
-        .with_min_len(images_per_task(g.n))
-        .for_each_init(
-            || vec![T::zero(); scratch],
-            |cols, (y_n, x_n)| {
-                let cols: &[T] = if g.is_pointwise() {
-                    x_n
+    let k = g.k();
+    let per_task = images_per_task(g.n, rayon::current_num_threads());
+    let per = images_per_chunk::<T>(g).min(per_task);
+    let width = per * g.out_pixels();
+    y.par_chunks_mut(per_task * g.out_image())
+        .zip(x.par_chunks(per_task * g.in_image()))
+        .for_each(|(ys, xs)| {
+            let mut cols = Cols::new(g, width);
+            let mut out = vec![T::zero(); if per > 1 { g.c_out * width } else { 0 }];
+            for (ys, xs) in ys
+                .chunks_mut(per * g.out_image())
+                .zip(xs.chunks(per * g.in_image()))
+            {
+                let width = xs.len() / g.in_image() * g.out_pixels();
+                let cols = cols.fill(g, xs);
+                // One image: its `[C_out, Ho·Wo]` output is the GEMM's destination as it is.
+                let single = ys.len() == g.out_image();
+                let dst = if single { &mut *ys } else { &mut out[..] };
+                gemm_into((g.c_out, width, k), dst, false, w, (k, 1), cols, (width, 1));
+                if !single {
+                    scatter(g, &out, ys);
+                }
+            }
+        });
+}
+
+/// Convolution dL/dx: `[dCols_1 … dCols_c] = Wᵀ · [dY_1 … dY_c]` for each chunk of images,
+/// then `dX_i = col2im(dCols_i)`, into `dx` (`[N, C_in, H, W]`); one range of images per thread.
+pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut [T]) {
+    let k = g.k();
+    let per_task = images_per_task(g.n, rayon::current_num_threads());
+    let per = images_per_chunk::<T>(g).min(per_task);
+    let width = per * g.out_pixels();
+    dx.par_chunks_mut(per_task * g.in_image())
+        .zip(dy.par_chunks(per_task * g.out_image()))
+        .for_each(|(dxs, dys)| {
+            let mut mat = vec![T::zero(); if per > 1 { g.c_out * width } else { 0 }];
+            let mut dcols = vec![T::zero(); k * width];
+            for (dxs, dy) in dxs
+                .chunks_mut(per * g.in_image())
+                .zip(dys.chunks(per * g.out_image()))
+            {
+                let width = dy.len() / g.out_image() * g.out_pixels();
+                let dy = if dy.len() == g.out_image() {
+                    dy
                 } else {
-                    im2col(g, x_n, cols);
-                    cols
+                    gather(g, dy, &mut mat);
+                    &mat[..]
                 };
+                // Wᵀ: element (row r, out channel o) is w[o·K + r].
                 gemm_into(
-                    (g.c_out, pixels, k),
-                    y_n,
+                    (k, width, g.c_out),
+                    &mut dcols,
                     false,
                     w,
-                    (k, 1),
-                    cols,
-                    (pixels, 1),
+                    (1, k),
+                    dy,
+                    (width, 1),
                 );
-            },
-        );
-}
-
-/// Convolution dL/dx: `dX_n = col2im(Wᵀ · dY_n)` for every image n, into `dx` (`[N, C_in, H, W]`).
-pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut [T]) {
-    let (k, pixels) = (g.k(), g.out_pixels());
-    let scratch = if g.is_pointwise() { 0 } else { k * pixels };
-    dx.par_chunks_mut(g.in_image())
-        .zip(dy.par_chunks(g.out_image()))
-        .with_min_len(images_per_task(g.n))
-        .for_each_init(
-            || vec![T::zero(); scratch],
-            |dcols, (dx_n, dy_n)| {
-                // Wᵀ: element (row r, out channel o) is w[o·K + r].
-                if g.is_pointwise() {
-                    gemm_into(
-                        (k, pixels, g.c_out),
-                        dx_n,
-                        false,
-                        w,
-                        (1, k),
-                        dy_n,
-                        (pixels, 1),
-                    );
-                } else {
-                    gemm_into(
-                        (k, pixels, g.c_out),
-                        dcols,
-                        false,
-                        w,
-                        (1, k),
-                        dy_n,
-                        (pixels, 1),
-                    );
-                    col2im(g, dcols, dx_n);
+                for (i, dx_i) in dxs.chunks_mut(g.in_image()).enumerate() {
+                    let at = Block {
+                        width,
+                        offset: i * g.out_pixels(),
+                    };
+                    col2im(g, &dcols, at, dx_i);
                 }
-            },
-        );
+            }
+        });
 }
 
-/// Convolution dL/dw: `dW = Σ_n dY_n · cols(X_n)ᵀ` (`[C_out, K]`, i.e. `[C_out, C_in, kh, kw]`).
-/// The batch is split into one contiguous range per rayon thread; the partial sums are added.
+/// Convolution dL/dw: `dW = Σ_chunks dY_chunk · cols(X_chunk)ᵀ` (`[C_out, K]`, i.e.
+/// `[C_out, C_in, kh, kw]`). The batch is split into [`WEIGHT_GRAD_PARTS`] ranges summed in
+/// parallel (one accumulating GEMM per chunk), then the ranges' sums are added in order.
 pub fn conv2d_backward_weight<T: Real>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
-    let (k, pixels) = (g.k(), g.out_pixels());
-    let per_task = images_per_task(g.n);
+    let k = g.k();
+    let per_task = images_per_task(g.n, WEIGHT_GRAD_PARTS);
+    let per = images_per_chunk::<T>(g).min(per_task);
+    let width = per * g.out_pixels();
     let len = g.c_out * k;
-    x.par_chunks(per_task * g.in_image())
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(per_task * g.in_image())
         .zip(dy.par_chunks(per_task * g.out_image()))
         .map(|(xs, dys)| {
+            let mut cols = Cols::new(g, width);
+            let mut mat = vec![T::zero(); if per > 1 { g.c_out * width } else { 0 }];
             let mut dw = vec![T::zero(); len];
-            let mut cols = vec![T::zero(); if g.is_pointwise() { 0 } else { k * pixels }];
-            for (x_n, dy_n) in xs.chunks(g.in_image()).zip(dys.chunks(g.out_image())) {
-                let cols: &[T] = if g.is_pointwise() {
-                    x_n
+            for (i, (xs, dy)) in xs
+                .chunks(per * g.in_image())
+                .zip(dys.chunks(per * g.out_image()))
+                .enumerate()
+            {
+                let width = xs.len() / g.in_image() * g.out_pixels();
+                let cols = cols.fill(g, xs);
+                let dy = if dy.len() == g.out_image() {
+                    dy
                 } else {
-                    im2col(g, x_n, &mut cols);
-                    &cols
+                    gather(g, dy, &mut mat);
+                    &mat[..]
                 };
-                // cols(X_n)ᵀ: element (pixel, row r) is cols[r·pixels + pixel].
+                // colsᵀ: element (column j, row r) is cols[r·width + j].
                 gemm_into(
-                    (g.c_out, k, pixels),
+                    (g.c_out, k, width),
                     &mut dw,
-                    true,
-                    dy_n,
-                    (pixels, 1),
+                    i > 0,
+                    dy,
+                    (width, 1),
                     cols,
-                    (1, pixels),
+                    (1, width),
                 );
             }
             dw
         })
-        .reduce(
-            || vec![T::zero(); len],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                a
-            },
-        )
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut dw = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
+    for part in parts {
+        dw.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
+    dw
 }
 
 /// Per-channel batch mean and biased variance of `x` viewed as `[N, C, hw]`, over (N, hw):

@@ -49,13 +49,13 @@ fn per_channel(t: &Tensor) -> Result<Tensor> {
 
 /// 2-D convolution without bias (`eio_reference::ops::conv2d`):
 /// `y[n, o, i, j] = Σ_{c, u, v} w[o, c, u, v] · x[n, c, i·s + u − p, j·s + v − p]` (zero outside
-/// the image). CPU: im2col + GEMM per image ([`cpu_kernels::conv2d`]).
+/// the image). CPU: im2col + one GEMM per chunk of images ([`cpu_kernels::conv2d`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     dispatch!(x, conv2d(x, w, stride, padding))
 }
 
 /// Gradients of [`conv2d`]: (dL/dx, dL/dw). CPU: `dX_n = col2im(Wᵀ dY_n)` and
-/// `dW = Σ_n dY_n cols(X_n)ᵀ`, each a GEMM per image ([`cpu_kernels`]).
+/// `dW = Σ_n dY_n cols(X_n)ᵀ`, each one GEMM per chunk of images ([`cpu_kernels`]).
 pub fn conv2d_backward(
     x: &Tensor,
     w: &Tensor,
