@@ -10,6 +10,7 @@
 //! `cargo test --release -p eio-tests --test official_checkpoint -- --ignored --nocapture`.
 
 use std::io::Write;
+use std::ops::Range;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
@@ -19,6 +20,7 @@ use eio_data::DataSplits;
 use eio_spec::config::{BnMode, Config, Preset};
 use eio_spec::plan::Plan;
 use eio_spec::rng::Seeds;
+use eio_spec::Path;
 use ndarray::Array4;
 
 fn shared() -> PathBuf {
@@ -94,16 +96,35 @@ impl Released {
         })
     }
 
-    /// Images `range` of the test set as a reference input `[n, 3, 32, 32]` (the same decoded
-    /// pixels the accelerated engine sees, widened to f64).
-    fn reference_input(&self, range: std::ops::Range<usize>) -> Array4<f64> {
+    /// The accelerated engine's eval-mode logits of test images `range` along `path`, one row
+    /// per image.
+    fn accelerated_logits(&self, path: &Path, range: Range<usize>) -> Vec<Vec<f64>> {
+        let part = self.data.test.subset(&range.collect::<Vec<_>>());
+        let (x, _) = eio_accelerated::train::to_tensors(
+            part.pixels,
+            part.labels,
+            &self.data.test,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let (z, _) = logits(&self.plan, &self.state, path, &x, BnMode::Eval).unwrap();
+        z.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
+    }
+
+    /// The reference engine's logits on the same decoded pixels (widened to f64), one row per
+    /// image.
+    fn reference_logits(&self, path: &Path, range: Range<usize>) -> Vec<Vec<f64>> {
         let per_image = 3 * 32 * 32;
         let pixels: Vec<f64> = self.data.test.pixels
             [range.start * per_image..range.end * per_image]
             .iter()
             .map(|&p| f64::from(p))
             .collect();
-        Array4::from_shape_vec((range.len(), 3, 32, 32), pixels).unwrap()
+        let input = Array4::from_shape_vec((range.len(), 3, 32, 32), pixels).unwrap();
+        let (z, _) =
+            eio_reference::model::logits(&self.plan, &self.reference, path, &input, BnMode::Eval);
+        z.rows().into_iter().map(|row| row.to_vec()).collect()
     }
 }
 
@@ -112,56 +133,32 @@ fn released_rgn_matches_the_fact_sheet_in_both_engines() {
     let Some(released) = Released::load() else {
         return;
     };
-    let Released {
-        data,
-        plan,
-        state,
-        reference,
-    } = &released;
-    let space = plan.path_space();
+    let test = &released.data.test;
     for (gates, expected) in FACT_SHEET {
-        let path = space.parse(gates).unwrap();
+        let path = released.plan.path_space().parse(gates).unwrap();
         let mut correct = 0;
-        let mut checked = 0;
-        for start in (0..data.test.len()).step_by(500) {
-            let idx: Vec<usize> = (start..start + 500).collect();
-            let part = data.test.subset(&idx);
-            let (x, _) = eio_accelerated::train::to_tensors(
-                part.pixels.clone(),
-                part.labels.clone(),
-                &data.test,
-                &Device::Cpu,
-                DType::F32,
-            )
-            .unwrap();
-            let (z, _) = logits(plan, state, &path, &x, BnMode::Eval).unwrap();
-            let z = z.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        for start in (0..test.len()).step_by(500) {
+            let z = released.accelerated_logits(&path, start..start + 500);
             correct += z
                 .iter()
-                .zip(&part.labels)
+                .zip(&test.labels[start..start + 500])
                 .filter(|(row, &y)| argmax(row) == y as usize)
                 .count();
-            if start == 0 {
-                // The reference on the same decoded pixels: same logits to 1e-4, same classes.
-                let n = 40;
-                let input = released.reference_input(0..n);
-                let (zr, _) =
-                    eio_reference::model::logits(plan, reference, &path, &input, BnMode::Eval);
-                for (i, row) in z.iter().take(n).enumerate() {
-                    for (k, &v) in row.iter().enumerate() {
-                        let r = zr[[i, k]];
-                        assert!(
-                            (v - r).abs() <= 1e-4 * r.abs().max(1.0),
-                            "path {gates} image {i} class {k}: accelerated {v}, reference {r}"
-                        );
-                    }
-                    let rrow: Vec<f64> = (0..row.len()).map(|k| zr[[i, k]]).collect();
-                    assert_eq!(argmax(row), argmax(&rrow));
-                    checked += 1;
-                }
-            }
         }
-        let accuracy = 100.0 * correct as f64 / data.test.len() as f64;
+        // The reference on the same decoded pixels: same logits to 1e-4, same classes.
+        let checked = 40;
+        let z = released.accelerated_logits(&path, 0..checked);
+        let zr = released.reference_logits(&path, 0..checked);
+        for (i, (row, rrow)) in z.iter().zip(&zr).enumerate() {
+            for (k, (&v, &r)) in row.iter().zip(rrow).enumerate() {
+                assert!(
+                    (v - r).abs() <= 1e-4 * r.abs().max(1.0),
+                    "path {gates} image {i} class {k}: accelerated {v}, reference {r}"
+                );
+            }
+            assert_eq!(argmax(row), argmax(rrow));
+        }
+        let accuracy = 100.0 * correct as f64 / test.len() as f64;
         eprintln!("path {gates}: {accuracy:.2} % on 10,000 test images (fact sheet {expected} %); reference agrees on {checked} images");
         assert!(
             (accuracy - expected).abs() <= 0.3,
@@ -181,17 +178,12 @@ fn reference_engine_matches_the_fact_sheet_on_the_full_test_set() {
     let Some(released) = Released::load() else {
         return;
     };
-    let Released {
-        data,
-        plan,
-        state,
-        reference,
-    } = &released;
-    let n = data.test.len();
+    let test = &released.data.test;
+    let n = test.len();
     let chunk = 100;
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     for (gates, expected) in FACT_SHEET {
-        let path = plan.path_space().parse(gates).unwrap();
+        let path = released.plan.path_space().parse(gates).unwrap();
         let started = std::time::Instant::now();
         let starts: Vec<usize> = (0..n).step_by(chunk).collect();
         // Each worker takes every `threads`-th chunk and returns (correct, disagreements, worst).
@@ -204,33 +196,15 @@ fn reference_engine_matches_the_fact_sheet_on_the_full_test_set() {
                         let mut totals = (0, 0, 0.0f64);
                         for &start in starts.iter().skip(t).step_by(threads) {
                             let range = start..(start + chunk).min(n);
-                            let labels = &data.test.labels[range.clone()];
-                            let input = released.reference_input(range.clone());
-                            let (zr, _) = eio_reference::model::logits(
-                                plan,
-                                reference,
-                                path,
-                                &input,
-                                BnMode::Eval,
-                            );
-                            let part = data.test.subset(&range.clone().collect::<Vec<_>>());
-                            let (x, _) = eio_accelerated::train::to_tensors(
-                                part.pixels.clone(),
-                                part.labels.clone(),
-                                &data.test,
-                                &Device::Cpu,
-                                DType::F32,
-                            )
-                            .unwrap();
-                            let (z, _) = logits(plan, state, path, &x, BnMode::Eval).unwrap();
-                            let z = z.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
-                            for (i, (row, &y)) in z.iter().zip(labels).enumerate() {
-                                let rrow: Vec<f64> = (0..row.len()).map(|k| zr[[i, k]]).collect();
-                                for (&v, &r) in row.iter().zip(&rrow) {
+                            let labels = &test.labels[range.clone()];
+                            let zr = released.reference_logits(path, range.clone());
+                            let z = released.accelerated_logits(path, range);
+                            for ((row, rrow), &y) in z.iter().zip(&zr).zip(labels) {
+                                for (&v, &r) in row.iter().zip(rrow) {
                                     let err = (v - r).abs() / r.abs().max(1.0);
                                     totals.2 = totals.2.max(err);
                                 }
-                                let predicted = argmax(&rrow);
+                                let predicted = argmax(rrow);
                                 totals.0 += usize::from(predicted == y as usize);
                                 totals.1 += usize::from(predicted != argmax(row));
                             }

@@ -241,9 +241,50 @@ fn images_per_chunk<T>(g: &ConvGeom) -> usize {
 /// machine.
 const WEIGHT_GRAD_PARTS: usize = 2;
 
-/// Images per rayon task when a batch of `n` is split into `parts` contiguous ranges.
-fn images_per_task(n: usize, parts: usize) -> usize {
-    n.div_ceil(parts.max(1)).max(1)
+/// How a convolution's batch is cut: `parts` contiguous ranges of `per_task` images, one rayon
+/// task each, and each range into chunks of `per` images, one GEMM each.
+struct Split {
+    per_task: usize,
+    per: usize,
+}
+
+impl Split {
+    fn new<T>(g: &ConvGeom, parts: usize) -> Self {
+        let per_task = g.n.div_ceil(parts.max(1)).max(1);
+        Split {
+            per_task,
+            per: images_per_chunk::<T>(g).min(per_task),
+        }
+    }
+
+    /// GEMM columns of a full chunk.
+    fn width(&self, g: &ConvGeom) -> usize {
+        self.per * g.out_pixels()
+    }
+
+    /// Scratch for a chunk's `[C_out, width]` output matrix; none when a chunk is one image,
+    /// whose maps are that matrix already.
+    fn out_scratch<T: Real>(&self, g: &ConvGeom) -> Vec<T> {
+        vec![
+            T::zero();
+            if self.per > 1 {
+                g.c_out * self.width(g)
+            } else {
+                0
+            }
+        ]
+    }
+}
+
+/// A chunk's gradient maps (`[images, C_out, Ho, Wo]`) as the `[C_out, images·Ho·Wo]` GEMM
+/// operand: the maps themselves for one image, else gathered into `scratch`.
+fn as_matrix<'a, T: Real>(g: &ConvGeom, maps: &'a [T], scratch: &'a mut [T]) -> &'a [T] {
+    if maps.len() == g.out_image() {
+        maps
+    } else {
+        gather(g, maps, scratch);
+        scratch
+    }
 }
 
 /// The `[C_out, images·Ho·Wo]` matrix of a chunk's output maps (`maps`, `[images, C_out, Ho,
@@ -309,17 +350,15 @@ impl<T: Real> Cols<T> {
 /// [`images_per_chunk`]), into `y` (`[N, C_out, Ho, Wo]`); one range of images per thread.
 pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
     let k = g.k();
-    let per_task = images_per_task(g.n, rayon::current_num_threads());
-    let per = images_per_chunk::<T>(g).min(per_task);
-    let width = per * g.out_pixels();
-    y.par_chunks_mut(per_task * g.out_image())
-        .zip(x.par_chunks(per_task * g.in_image()))
+    let split = Split::new::<T>(g, rayon::current_num_threads());
+    y.par_chunks_mut(split.per_task * g.out_image())
+        .zip(x.par_chunks(split.per_task * g.in_image()))
         .for_each(|(ys, xs)| {
-            let mut cols = Cols::new(g, width);
-            let mut out = vec![T::zero(); if per > 1 { g.c_out * width } else { 0 }];
+            let mut cols = Cols::new(g, split.width(g));
+            let mut out = split.out_scratch(g);
             for (ys, xs) in ys
-                .chunks_mut(per * g.out_image())
-                .zip(xs.chunks(per * g.in_image()))
+                .chunks_mut(split.per * g.out_image())
+                .zip(xs.chunks(split.per * g.in_image()))
             {
                 let width = xs.len() / g.in_image() * g.out_pixels();
                 let cols = cols.fill(g, xs);
@@ -338,25 +377,18 @@ pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
 /// then `dX_i = col2im(dCols_i)`, into `dx` (`[N, C_in, H, W]`); one range of images per thread.
 pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut [T]) {
     let k = g.k();
-    let per_task = images_per_task(g.n, rayon::current_num_threads());
-    let per = images_per_chunk::<T>(g).min(per_task);
-    let width = per * g.out_pixels();
-    dx.par_chunks_mut(per_task * g.in_image())
-        .zip(dy.par_chunks(per_task * g.out_image()))
+    let split = Split::new::<T>(g, rayon::current_num_threads());
+    dx.par_chunks_mut(split.per_task * g.in_image())
+        .zip(dy.par_chunks(split.per_task * g.out_image()))
         .for_each(|(dxs, dys)| {
-            let mut mat = vec![T::zero(); if per > 1 { g.c_out * width } else { 0 }];
-            let mut dcols = vec![T::zero(); k * width];
+            let mut mat = split.out_scratch(g);
+            let mut dcols = vec![T::zero(); k * split.width(g)];
             for (dxs, dy) in dxs
-                .chunks_mut(per * g.in_image())
-                .zip(dys.chunks(per * g.out_image()))
+                .chunks_mut(split.per * g.in_image())
+                .zip(dys.chunks(split.per * g.out_image()))
             {
                 let width = dy.len() / g.out_image() * g.out_pixels();
-                let dy = if dy.len() == g.out_image() {
-                    dy
-                } else {
-                    gather(g, dy, &mut mat);
-                    &mat[..]
-                };
+                let dy = as_matrix(g, dy, &mut mat);
                 // Wᵀ: element (row r, out channel o) is w[o·K + r].
                 gemm_into(
                     (k, width, g.c_out),
@@ -383,30 +415,23 @@ pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut 
 /// parallel (one accumulating GEMM per chunk), then the ranges' sums are added in order.
 pub fn conv2d_backward_weight<T: Real>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
     let k = g.k();
-    let per_task = images_per_task(g.n, WEIGHT_GRAD_PARTS);
-    let per = images_per_chunk::<T>(g).min(per_task);
-    let width = per * g.out_pixels();
+    let split = Split::new::<T>(g, WEIGHT_GRAD_PARTS);
     let len = g.c_out * k;
     let partials: Vec<Vec<T>> = x
-        .par_chunks(per_task * g.in_image())
-        .zip(dy.par_chunks(per_task * g.out_image()))
+        .par_chunks(split.per_task * g.in_image())
+        .zip(dy.par_chunks(split.per_task * g.out_image()))
         .map(|(xs, dys)| {
-            let mut cols = Cols::new(g, width);
-            let mut mat = vec![T::zero(); if per > 1 { g.c_out * width } else { 0 }];
+            let mut cols = Cols::new(g, split.width(g));
+            let mut mat = split.out_scratch(g);
             let mut dw = vec![T::zero(); len];
             for (i, (xs, dy)) in xs
-                .chunks(per * g.in_image())
-                .zip(dys.chunks(per * g.out_image()))
+                .chunks(split.per * g.in_image())
+                .zip(dys.chunks(split.per * g.out_image()))
                 .enumerate()
             {
                 let width = xs.len() / g.in_image() * g.out_pixels();
                 let cols = cols.fill(g, xs);
-                let dy = if dy.len() == g.out_image() {
-                    dy
-                } else {
-                    gather(g, dy, &mut mat);
-                    &mat[..]
-                };
+                let dy = as_matrix(g, dy, &mut mat);
                 // colsᵀ: element (column j, row r) is cols[r·width + j].
                 gemm_into(
                     (g.c_out, k, width),
