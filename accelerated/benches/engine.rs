@@ -368,6 +368,9 @@ fn full(args: &Args) -> BenchResult<()> {
         random_start: true,
         loss: AttackLoss::Ce,
         cw_kappa: config.eval.cw_kappa,
+        momentum: None,
+        input_diversity: None,
+        skip_gradient: None,
     };
     // The CPU warms up with a 2-step attack (a full one costs minutes there).
     let warm_settings = AttackSettings {

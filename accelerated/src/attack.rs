@@ -1,13 +1,24 @@
-//! L-inf PGD on the device against one path, an ensemble (log of the mean softmax) or the
-//! randomised RGN with EOT (semantics in `eio_reference::attack`).
+//! L-inf attacks on the device against one path, an ensemble (log of the mean softmax) or the
+//! randomised RGN with EOT (semantics in `eio_reference::attack`): PGD (Madry et al.) and its
+//! transfer variants, each a switch of [`AttackSettings`] (update rule in
+//! `eio_spec::attack`):
+//!
+//! * momentum, MI-FGSM (Dong et al. 2018, "Boosting Adversarial Attacks with Momentum"):
+//!   the sign of m_k = μ·m_{k−1} + g_k / ‖g_k‖₁ per sample ([`ops::l1_momentum`]);
+//! * input diversity, DI²-FGSM (Xie et al. 2019, "Improving Transferability of Adversarial
+//!   Examples with Input Diversity"), M-DI²-FGSM with momentum: the gradient at T(x_k) for a
+//!   random resize-and-pad T, mapped back through T's adjoint ([`ops::input_diversity`]);
+//! * SGM (Wu et al. 2020, "Skip Connections Matter"): the backward pass scales every residual
+//!   branch's gradient by γ ([`crate::model::input_gradient_with`]).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
+use eio_spec::attack::SkipGradient;
 use eio_spec::config::{AttackLoss, BnMode};
 use eio_spec::{Path, Plan};
 use rand::Rng;
 
-use crate::distill::{project, random_start};
-use crate::model::{input_gradient, logits};
+use crate::distill::{project, random_start, SIGN_TIE};
+use crate::model::{input_gradient, input_gradient_with, logits};
 use crate::ops;
 use crate::state::ModelState;
 
@@ -52,10 +63,18 @@ pub(crate) fn loss_of(
     match loss {
         AttackLoss::Ce => ops::cross_entropy(output, labels),
         AttackLoss::Cw => ops::cw_loss(output, labels, kappa),
+        AttackLoss::CwDverge => ops::cw_dverge_loss(output, labels, kappa),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the attack loss differentiates and how: the loss, its κ and SGM's scaling.
+#[derive(Debug, Clone, Copy)]
+struct Objective<'a> {
+    loss: AttackLoss,
+    kappa: f64,
+    skip: Option<&'a SkipGradient>,
+}
+
 fn path_loss_grad(
     plan: &Plan,
     state: &ModelState,
@@ -63,19 +82,20 @@ fn path_loss_grad(
     mode: BnMode,
     x: &Tensor,
     labels: &Tensor,
-    loss: AttackLoss,
-    kappa: f64,
+    objective: Objective<'_>,
 ) -> Result<(Tensor, Tensor)> {
     let (z, trace) = logits(plan, state, path, x, mode)?;
-    let (l, g) = loss_of(&z, labels, loss, kappa)?;
+    let (l, g) = loss_of(&z, labels, objective.loss, objective.kappa)?;
     Ok((
         l,
-        input_gradient(plan, state, &trace, &[(plan.logits(), g)])?,
+        input_gradient_with(plan, state, &trace, &[(plan.logits(), g)], objective.skip)?,
     ))
 }
 
 impl Target<'_> {
-    /// The attack loss at `x` and its gradient with respect to `x`.
+    /// The attack loss at `x` and its gradient with respect to `x`, back-propagated with SGM's
+    /// scaling when `skip` is set (`eio_reference::attack::Target::loss_and_input_grad`).
+    /// `rng` draws the paths of a randomised target.
     ///
     /// # Errors
     /// On a device error.
@@ -85,15 +105,17 @@ impl Target<'_> {
         labels: &Tensor,
         loss: AttackLoss,
         kappa: f64,
+        skip: Option<&SkipGradient>,
         rng: &mut R,
     ) -> Result<(Tensor, Tensor)> {
+        let objective = Objective { loss, kappa, skip };
         match self {
             Target::Path {
                 plan,
                 state,
                 path,
                 mode,
-            } => path_loss_grad(plan, state, path, *mode, x, labels, loss, kappa),
+            } => path_loss_grad(plan, state, path, *mode, x, labels, objective),
             Target::Ensemble(members) => {
                 let mut outs = Vec::with_capacity(members.len());
                 for m in members {
@@ -105,7 +127,8 @@ impl Target<'_> {
                 let member_grads = ops::log_mean_softmax_backward(&zs, ENSEMBLE_PROB_FLOOR, &g)?;
                 let mut total = x.zeros_like()?;
                 for ((m, (_, trace)), g) in members.iter().zip(&outs).zip(member_grads) {
-                    let grad = input_gradient(m.plan, m.state, trace, &[(m.plan.logits(), g)])?;
+                    let grad =
+                        input_gradient_with(m.plan, m.state, trace, &[(m.plan.logits(), g)], skip)?;
                     total = (total + grad)?;
                 }
                 Ok((l, total))
@@ -116,7 +139,7 @@ impl Target<'_> {
                 for _ in 0..*eot {
                     let path = plan.path_space().sample(rng);
                     let (l, g) =
-                        path_loss_grad(plan, state, &path, BnMode::Eval, x, labels, loss, kappa)?;
+                        path_loss_grad(plan, state, &path, BnMode::Eval, x, labels, objective)?;
                     total_loss = (total_loss + l)?;
                     total = (total + g)?;
                 }
@@ -175,10 +198,94 @@ pub(crate) fn first_argmax(scores: &Tensor) -> Result<Vec<usize>> {
         .collect())
 }
 
-/// L-inf PGD from `x`; the model is only read (see [`pgd_train_mode`]).
+/// What an attack run produced.
+#[derive(Debug, Clone)]
+pub struct AttackRun {
+    /// The adversarial images, `[N, C, H, W]`.
+    pub images: Tensor,
+    /// Entries whose step direction had |d| < [`SIGN_TIE`], summed over steps (their sign is
+    /// not resolved by the arithmetic: another engine may step them differently).
+    pub sign_ties: usize,
+}
+
+/// The attack of `settings` from `x` (`eio_reference::attack::pgd_run`); the model is only
+/// read (see [`pgd_train_mode`]). `rng` supplies, in order: the random start
+/// (`eio_spec::rng::uniform_start`), then at every step the input-diversity draw
+/// ([`eio_spec::attack::InputDiversity::draw`] with the image width as the side, so images
+/// must be square) and a randomised target's EOT paths. Each step:
+///
+/// ```text
+/// g_k     = Tᵀ ∇L(T(x_k))          T: the step's input diversity (identity if none drawn),
+///                                  ∇ with SGM's scaling when set
+/// d_k     = l1_momentum(d_{k−1}, g_k, μ)  with momentum μ, else g_k
+/// x_{k+1} = clamp(clamp(x_k + α·sign(d_k), x − ε, x + ε), 0, 1)
+/// ```
 ///
 /// # Errors
-/// On a device error.
+/// On a device error, or an input-diversity draw that does not fit the images.
+pub fn pgd_run<R: Rng + ?Sized>(
+    target: &Target<'_>,
+    x: &Tensor,
+    labels: &Tensor,
+    settings: &AttackSettings,
+    rng: &mut R,
+) -> Result<AttackRun> {
+    let mut adv = if settings.random_start {
+        random_start(x, settings.eps, rng)?
+    } else {
+        x.clone()
+    };
+    let side = x.dim(3)?;
+    let skip = settings.skip_gradient.as_ref();
+    let mut momentum: Option<Tensor> = None;
+    let mut sign_ties = Tensor::zeros((), DType::F64, x.device())?;
+    for _ in 0..settings.steps {
+        let diversity = settings
+            .input_diversity
+            .and_then(|di| di.draw(side, rng).map(|draw| (draw, di.interpolation)));
+        let input = match &diversity {
+            Some((draw, interpolation)) => ops::input_diversity(&adv, draw, *interpolation)?,
+            None => adv.clone(),
+        };
+        let (_, grad) = target.loss_and_input_grad(
+            &input,
+            labels,
+            settings.loss,
+            settings.cw_kappa,
+            skip,
+            rng,
+        )?;
+        let grad = match &diversity {
+            Some((draw, interpolation)) => {
+                ops::input_diversity_backward(&grad, draw, *interpolation)?
+            }
+            None => grad,
+        };
+        let direction = match settings.momentum {
+            Some(decay) => {
+                let m = ops::l1_momentum(momentum.as_ref(), &grad, decay)?;
+                momentum = Some(m.clone());
+                m
+            }
+            None => grad,
+        };
+        sign_ties = (sign_ties + ops::count_below(&direction, SIGN_TIE)?)?;
+        adv = project(
+            &(adv + (ops::sign(&direction)? * settings.step_size)?)?,
+            x,
+            settings.eps,
+        )?;
+    }
+    Ok(AttackRun {
+        images: adv,
+        sign_ties: sign_ties.to_scalar::<f64>()? as usize,
+    })
+}
+
+/// The adversarial images of [`pgd_run`].
+///
+/// # Errors
+/// As [`pgd_run`].
 pub fn pgd<R: Rng + ?Sized>(
     target: &Target<'_>,
     x: &Tensor,
@@ -186,25 +293,12 @@ pub fn pgd<R: Rng + ?Sized>(
     settings: &AttackSettings,
     rng: &mut R,
 ) -> Result<Tensor> {
-    let mut adv = if settings.random_start {
-        random_start(x, settings.eps, rng)?
-    } else {
-        x.clone()
-    };
-    for _ in 0..settings.steps {
-        let (_, grad) =
-            target.loss_and_input_grad(&adv, labels, settings.loss, settings.cw_kappa, rng)?;
-        adv = project(
-            &(adv + (ops::sign(&grad)? * settings.step_size)?)?,
-            x,
-            settings.eps,
-        )?;
-    }
-    Ok(adv)
+    Ok(pgd_run(target, x, labels, settings, rng)?.images)
 }
 
 /// L-inf PGD against one path in train-mode BN, updating running statistics at every step
-/// (the authors' PGD-AT term; see `eio_reference::attack::pgd_train_mode`).
+/// (the authors' PGD-AT term; see `eio_reference::attack::pgd_train_mode`). Always plain PGD:
+/// the momentum, input-diversity and SGM settings are not read.
 ///
 /// # Errors
 /// On a device error.

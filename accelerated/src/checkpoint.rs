@@ -415,7 +415,7 @@ impl Checkpoint {
                         expected.push(name);
                     }
                 }
-                let config = sgd_config(&meta.config, 0.0);
+                let config = phase_sgd_config(&meta.config, meta.progress.phase, 0.0);
                 optimisers.push(Sgd::with_buffers(config, buffers));
             }
         }
@@ -499,13 +499,26 @@ impl Checkpoint {
     }
 }
 
-/// The SGD settings of `config` at learning rate `lr`.
+/// The SGD settings of pre-training and the main phase at learning rate `lr`: `train`'s
+/// momentum, weight decay and Nesterov switch. [`phase_sgd_config`] gives any phase's.
 pub fn sgd_config(config: &Config, lr: f64) -> SgdConfig {
+    phase_sgd_config(config, Phase::Main, lr)
+}
+
+/// The SGD settings of `phase` at learning rate `lr`: `train.momentum` and
+/// `train.weight_decay` in every phase (the paper fine-tunes with "momentum 0.9 and weight
+/// decay 0.0001", Sec. 4.1); Nesterov from `train.nesterov` for pre-training and the main phase
+/// and from `derive.nesterov` for fine-tuning (the authors' `finetune.py` uses plain momentum
+/// while their EIO training uses Nesterov).
+pub fn phase_sgd_config(config: &Config, phase: Phase, lr: f64) -> SgdConfig {
     SgdConfig {
         lr,
         momentum: config.train.momentum,
         weight_decay: config.train.weight_decay,
-        nesterov: config.train.nesterov,
+        nesterov: match phase {
+            Phase::Finetune => config.derive.nesterov,
+            Phase::Pretrain | Phase::Main | Phase::Done => config.train.nesterov,
+        },
     }
 }
 

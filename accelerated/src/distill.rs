@@ -71,7 +71,7 @@ pub fn eq2_distill<R: Rng + ?Sized>(
     };
     let mut momentum: Option<Tensor> = None;
     let mut losses = Vec::with_capacity(config.steps);
-    let mut sign_ties = 0;
+    let mut sign_ties = Tensor::zeros((), candle_core::DType::F64, x_s.device())?;
     let fixed_target = match config.bn_mode {
         BnMode::Eval if config.steps > 0 => Some(
             forward(plan, state, path, x_t, BnMode::Eval, feature)?
@@ -95,29 +95,16 @@ pub fn eq2_distill<R: Rng + ?Sized>(
         losses.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
         let grad = input_gradient(plan, state, &source, &[(feature, grad)])?;
         let direction = if config.momentum {
-            let l1 = grad
-                .abs()?
-                .flatten_from(1)?
-                .sum_keepdim(1)?
-                .maximum(1e-12)?;
-            let normalised = grad.broadcast_div(&l1.reshape((l1.dim(0)?, 1, 1, 1))?)?;
-            let m = match momentum.take() {
-                Some(m) => ((m * config.momentum_decay)? + normalised)?,
-                None => normalised,
-            };
+            let m = ops::l1_momentum(momentum.as_ref(), &grad, config.momentum_decay)?;
             momentum = Some(m.clone());
             m
         } else {
             grad
         };
-        sign_ties += direction
-            .abs()?
-            .lt(SIGN_TIE)?
-            .to_dtype(candle_core::DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()? as usize;
+        sign_ties = (sign_ties + ops::count_below(&direction, SIGN_TIE)?)?;
         z = project(&(z - (ops::sign(&direction)? * alpha)?)?, x_s, eps)?;
     }
+    let sign_ties = sign_ties.to_scalar::<f64>()? as usize;
     Ok(Distilled {
         images: z,
         losses,

@@ -30,6 +30,7 @@ use crate::derive::{derive_path, FoldedNetwork};
 use crate::evaluate::{evaluate_images, WhiteBoxReport};
 use crate::train::{self, EpochRecord, Flow, Observer, Outcome, TrainError};
 use crate::EngineError;
+use eio_spec::sanity::Flag;
 
 /// Errors of a stage, each naming what it was doing.
 #[derive(Debug, thiserror::Error)]
@@ -409,23 +410,56 @@ pub fn plans_and_paths(
     Ok((plans, paths))
 }
 
-/// Clean and adversarial accuracy of one model under one attack setting.
+/// What an [`EvalReport`] measured.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Clean accuracy only.
+    Clean,
+    /// PGD versions (white-box, or transfer from other models) with these settings.
+    Pgd(EvalConfig),
+    /// The black-box transfer suite in `folder` ([`crate::blackbox`]).
+    Suite {
+        folder: String,
+        versions: usize,
+        surrogates: Vec<crate::blackbox::SurrogateRecord>,
+        config: eio_spec::config::BlackboxConfig,
+    },
+}
+
+/// Clean and adversarial accuracy of one model under one protocol.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     pub model: String,
-    /// `white-box` or `transfer from <models>`.
+    /// `clean`, `white-box PGD`, `transfer PGD from <models>` or `black-box suite (<n> versions)`.
     pub attack: String,
     pub images: usize,
-    pub config: EvalConfig,
+    pub protocol: Protocol,
     pub report: WhiteBoxReport,
 }
 
+/// `eval.json`: every report and the sanity checks over them.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalFile<'a> {
+    pub reports: &'a [EvalReport],
+    pub sanity: &'a [Flag],
+}
+
 impl EvalReport {
-    /// CSV rows `model,attack,eps,images,clean_accuracy,robust_accuracy` (header included
-    /// when `header`).
+    /// CSV rows `model,attack,eps,images,clean_accuracy,robust_accuracy` (a clean-only report
+    /// has one row with an empty eps and robust accuracy).
     pub fn csv(reports: &[EvalReport]) -> String {
         let mut out = String::from("model,attack,eps,images,clean_accuracy,robust_accuracy\n");
         for r in reports {
+            if r.report.per_eps.is_empty() {
+                out.push_str(&format!(
+                    "{},{},,{},{:.4},\n",
+                    csv_field(&r.model),
+                    csv_field(&r.attack),
+                    r.images,
+                    r.report.clean_accuracy
+                ));
+            }
             for e in &r.report.per_eps {
                 out.push_str(&format!(
                     "{},{},{},{},{:.4},{:.4}\n",
@@ -451,6 +485,7 @@ impl EvalReport {
                 }
             }
         }
+        eps.sort_by(f64::total_cmp);
         let mut out = String::from("| model | attack | clean |");
         for e in &eps {
             out.push_str(&format!(" eps {e} |"));
@@ -476,20 +511,75 @@ impl EvalReport {
         out
     }
 
-    /// Writes `eval.json` and `eval.csv` into `dir`.
+    /// The paper's Table 1 shape: per model, clean accuracy, black-box suite accuracy at
+    /// `black_eps` and white-box accuracy at `white_eps` (the paper: 0.03 and 0.01), in percent;
+    /// `-` where that measurement is absent.
+    pub fn table1(reports: &[EvalReport], black_eps: f64, white_eps: f64) -> String {
+        let mut models: Vec<&str> = Vec::new();
+        for r in reports {
+            if !models.contains(&r.model.as_str()) {
+                models.push(&r.model);
+            }
+        }
+        let at = |model: &str, suite: bool, eps: f64| -> String {
+            reports
+                .iter()
+                .filter(|r| r.model == model)
+                .filter(|r| match r.protocol {
+                    Protocol::Suite { .. } => suite,
+                    Protocol::Pgd(_) => !suite && r.attack == WHITE_BOX,
+                    Protocol::Clean => false,
+                })
+                .find_map(|r| {
+                    r.report
+                        .per_eps
+                        .iter()
+                        .find(|e| (e.eps - eps).abs() < 1e-12)
+                })
+                .map_or("-".into(), |e| {
+                    format!("{:.1}", 100.0 * e.robustness.accuracy)
+                })
+        };
+        let mut out = format!(
+            "| model | clean (%) | black-box eps {black_eps} (%) | white-box eps {white_eps} (%) |\n|---|---|---|---|\n"
+        );
+        for m in models {
+            let clean = reports
+                .iter()
+                .find(|r| r.model == m)
+                .map_or("-".into(), |r| {
+                    format!("{:.1}", 100.0 * r.report.clean_accuracy)
+                });
+            out.push_str(&format!(
+                "| {m} | {clean} | {} | {} |\n",
+                at(m, true, black_eps),
+                at(m, false, white_eps)
+            ));
+        }
+        out
+    }
+
+    /// Writes `eval.json` (reports and sanity flags) and `eval.csv` into `dir`.
     ///
     /// # Errors
     /// [`ExperimentError::Write`] naming the file.
-    pub fn write(reports: &[EvalReport], dir: &FsPath) -> Result<(), ExperimentError> {
+    pub fn write(
+        reports: &[EvalReport],
+        sanity: &[Flag],
+        dir: &FsPath,
+    ) -> Result<(), ExperimentError> {
         fs::create_dir_all(dir).map_err(RunDir::write_err(dir))?;
         let json = dir.join("eval.json");
-        let text = serde_json::to_string_pretty(reports)
+        let text = serde_json::to_string_pretty(&EvalFile { reports, sanity })
             .map_err(|e| ExperimentError::Usage(format!("cannot serialise the report: {e}")))?;
         write_atomically(&json, text.as_bytes()).map_err(RunDir::write_err(&json))?;
         let csv = dir.join("eval.csv");
         write_atomically(&csv, Self::csv(reports).as_bytes()).map_err(RunDir::write_err(&csv))
     }
 }
+
+/// The attack name of a white-box report.
+pub const WHITE_BOX: &str = "white-box PGD";
 
 fn csv_field(text: &str) -> String {
     if text.contains([',', '"', '\n']) {
@@ -534,9 +624,9 @@ pub fn evaluate(
     )?;
     out.push(EvalReport {
         model: name.to_string(),
-        attack: "white-box PGD".into(),
+        attack: WHITE_BOX.into(),
         images: images.len(),
-        config: config.clone(),
+        protocol: Protocol::Pgd(config.clone()),
         report,
     });
     if let Some((source_name, source)) = source {
@@ -554,22 +644,168 @@ pub fn evaluate(
             model: name.to_string(),
             attack: format!("transfer PGD from {source_name}"),
             images: images.len(),
-            config: config.clone(),
+            protocol: Protocol::Pgd(config.clone()),
             report,
         });
     }
     Ok(out)
 }
 
+/// Clean accuracy of `target` on `images` in batches of `batch_size` (a randomised target draws
+/// its paths from `Gates` split `u64::MAX`, as the white-box clean pass).
+///
+/// # Errors
+/// A device error.
+pub fn clean_report(
+    name: &str,
+    target: &Target<'_>,
+    images: &Images,
+    batch_size: usize,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<EvalReport, ExperimentError> {
+    let mut rng = Seeds::new(seed).stream(Stream::Gates, u64::MAX);
+    let clean_accuracy = train::accuracy(target, images, batch_size, device, dtype, &mut rng)?;
+    Ok(EvalReport {
+        model: name.to_string(),
+        attack: "clean".into(),
+        images: images.len(),
+        protocol: Protocol::Clean,
+        report: WhiteBoxReport {
+            clean_accuracy,
+            per_eps: Vec::new(),
+        },
+    })
+}
+
+/// `target` scored on the black-box suite `suite` ([`crate::blackbox::Suite::score`]).
+///
+/// # Errors
+/// An incomplete or damaged suite, or a device error.
+#[allow(clippy::too_many_arguments)]
+pub fn suite_report(
+    name: &str,
+    target: &Target<'_>,
+    suite: &crate::blackbox::Suite,
+    seed: u64,
+    batch_size: usize,
+    device: &Device,
+    dtype: DType,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalReport, ExperimentError> {
+    let report = suite
+        .score(target, seed, batch_size, device, dtype, progress)
+        .map_err(|e| ExperimentError::Usage(format!("{:#}", anyhow_chain(&e))))?;
+    let versions = suite.version_names().len();
+    Ok(EvalReport {
+        model: name.to_string(),
+        attack: format!("black-box suite ({versions} versions)"),
+        images: suite.clean.len(),
+        protocol: Protocol::Suite {
+            folder: suite.dir.display().to_string(),
+            versions,
+            surrogates: suite.manifest.surrogates.clone(),
+            config: suite.manifest.config.clone(),
+        },
+        report,
+    })
+}
+
+/// An error and its sources as one line.
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+/// The surrogate ensembles of `config.blackbox`: for each (size, seed), the name
+/// `baseline<size>` and the config that trains it (plain networks, `train.method = baseline`,
+/// `train.ensemble_size = size`, `seed`, as many epochs as the baselines of
+/// [`baseline_config`]).
+pub fn surrogate_configs(config: &Config) -> Vec<(String, Config)> {
+    let bb = &config.blackbox;
+    bb.surrogate_sizes
+        .iter()
+        .zip(&bb.surrogate_seeds)
+        .map(|(&size, &seed)| {
+            let mut c = config.clone();
+            c.seed = seed;
+            c.model.n = 1;
+            c.train.method = Method::Baseline;
+            c.train.ensemble_size = size;
+            c.train.epochs = config.train.epochs + config.eio.pretrain_epochs;
+            (format!("baseline{size}"), c)
+        })
+        .collect()
+}
+
+/// Trains (or finishes, or reuses) every surrogate of `config` in `dir/<name>`; returns each
+/// name with its `model.safetensors`, or `None` when interrupted.
+///
+/// # Errors
+/// Any training error.
+#[allow(clippy::too_many_arguments)]
+pub fn train_surrogates(
+    config: &Config,
+    dir: &FsPath,
+    data: &DataSplits,
+    device: &Device,
+    dtype: DType,
+    display: &mut dyn PipelineDisplay,
+    interrupt: &AtomicBool,
+) -> Result<Option<Vec<(String, PathBuf)>>, ExperimentError> {
+    let mut out = Vec::new();
+    for (name, c) in surrogate_configs(config) {
+        let run = RunDir::new(dir.join(&name));
+        display.stage(
+            "surrogate",
+            &format!(
+                "{name}: {} members, seed {} -> {}",
+                c.train.ensemble_size,
+                c.seed,
+                run.root.display()
+            ),
+        );
+        let trained = finished_or_train(&run, &c, data, device, dtype, display, interrupt, || {
+            train::start(&c, device, dtype).map_err(ExperimentError::from)
+        })?;
+        if trained.is_none() {
+            return Ok(None);
+        }
+        out.push((name, run.model()));
+    }
+    Ok(Some(out))
+}
+
+/// The suite's evaluation images: the fixed seeded subset of `blackbox.images` test images
+/// (the same draw as the white-box subset, `Stream::EvalSubset`).
+pub fn suite_images(config: &Config, data: &DataSplits) -> crate::blackbox::SuiteImages {
+    let indices = eio_data::split::eval_subset_indices(
+        data.test.len(),
+        config.blackbox.images,
+        &Seeds::new(config.seed),
+    );
+    crate::blackbox::SuiteImages {
+        images: data.test.subset(&indices),
+        indices,
+        dataset: data.source.clone(),
+    }
+}
+
 /// The config of the baseline that `eio run` trains beside an EIO config: plain networks
-/// (`model.n = 1`), `train.method = baseline`, two members (member 0 is the reported baseline,
-/// member 1 the independently initialised surrogate that transfer attacks are made on), and
-/// as many epochs as EIO's pre-training plus main epochs.
+/// (`model.n = 1`), `train.method = baseline`, as many members as the largest of
+/// `run.baselines` (the reported ensembles are its first members), and as many epochs as EIO's
+/// pre-training plus main epochs.
 pub fn baseline_config(config: &Config) -> Config {
     let mut b = config.clone();
     b.model.n = 1;
     b.train.method = Method::Baseline;
-    b.train.ensemble_size = 2;
+    b.train.ensemble_size = config.run.baselines.iter().copied().max().unwrap_or(1);
     b.train.epochs = config.train.epochs + config.eio.pretrain_epochs;
     b
 }
@@ -588,20 +824,14 @@ pub fn derive_path_draw(config: &Config) -> Result<Path, ExperimentError> {
 /// `Gates` stream index of the path `eio run` derives.
 pub const DERIVE_GATES: u64 = (1 << 62) - 1;
 
-/// Splits a checkpoint of M members into M single-member checkpoints.
-pub fn split_members(checkpoint: &Checkpoint) -> Vec<Checkpoint> {
-    checkpoint
-        .members
-        .iter()
-        .map(|state| {
-            let mut one = checkpoint.clone();
-            one.members = vec![state.clone()];
-            one.optimisers.clear();
-            one.meta.members = 1;
-            one.meta.optimiser = false;
-            one
-        })
-        .collect()
+/// The first `m` members of a checkpoint as one model without optimiser state.
+pub fn first_members(checkpoint: &Checkpoint, m: usize) -> Checkpoint {
+    let mut part = checkpoint.clone();
+    part.members.truncate(m);
+    part.optimisers.clear();
+    part.meta.members = part.members.len();
+    part.meta.optimiser = false;
+    part
 }
 
 /// What `eio run` produced.
@@ -610,11 +840,12 @@ pub struct PipelineReport {
     /// The derived path (gate vector, text form).
     pub derived_path: String,
     pub reports: Vec<EvalReport>,
+    pub sanity: Vec<Flag>,
 }
 
 /// Hooks of [`run_pipeline`] for the binary's display.
 pub trait PipelineDisplay {
-    /// A stage starts (`baseline`, `eio`, `derive`, `evaluate`).
+    /// A stage starts (`baseline`, `eio`, `derive`, `surrogate`, `suite`, `evaluate`).
     fn stage(&mut self, name: &str, detail: &str);
     /// The training observer for the stage just announced.
     fn observer(&mut self) -> &mut dyn Observer;
@@ -622,12 +853,31 @@ pub trait PipelineDisplay {
     fn eval_progress(&mut self, attack: &str, batch: usize, batches: usize);
 }
 
-/// `eio run`: trains the baseline pair ([`baseline_config`]) and the EIO network of `config`,
-/// derives the path [`derive_path_draw`] and fine-tunes it, then evaluates the baseline and
-/// the derived model white-box and by transfer from the surrogate, writing `report.md`,
-/// `eval.json` and `eval.csv` into `out`. Each stage lives in its own run folder
-/// (`baseline/`, `eio/`, `derived/`); with `resume` finished stages are reused and an
-/// interrupted one continues. Returns `None` when interrupted.
+struct SuiteProgress<'a>(&'a mut dyn PipelineDisplay);
+
+impl crate::blackbox::GenerateProgress for SuiteProgress<'_> {
+    fn job(&mut self, job: &eio_spec::blackbox::Job, done: usize, total: usize, skipped: bool) {
+        if skipped {
+            self.0.eval_progress("suite generation", done + 1, total);
+        } else {
+            self.0.eval_progress(
+                &format!("suite: {} eps {}", job.version.name, job.eps),
+                done + 1,
+                total,
+            );
+        }
+    }
+    fn finished(&mut self, _job: &eio_spec::blackbox::Job, _seconds: f64) {}
+}
+
+/// `eio run`: trains the baseline ensemble ([`baseline_config`]) and the EIO network of
+/// `config`, derives the path [`derive_path_draw`] and fine-tunes it, trains the surrogate
+/// ensembles of `config.blackbox` and generates the black-box suite from them, then evaluates
+/// each baseline ensemble of `run.baselines` and the derived model white-box and on the suite,
+/// with the sanity checks, writing `report.md`, `eval.json` and `eval.csv` into `out`. Each
+/// stage lives in its own folder (`baseline/`, `eio/`, `derived/`, `surrogates/<name>/`,
+/// `suite/`); with `resume` finished stages are reused and an interrupted one continues.
+/// Returns `None` when interrupted.
 ///
 /// # Errors
 /// Any stage's error.
@@ -648,6 +898,7 @@ pub fn run_pipeline(
             out.display()
         )));
     }
+    let started = std::time::Instant::now();
     fs::create_dir_all(out).map_err(RunDir::write_err(out))?;
     RunDir::new(out).write_config(config)?;
     let mut eio_config = config.clone();
@@ -657,6 +908,7 @@ pub fn run_pipeline(
         ("eio", eio_config.clone()),
     ];
     let mut trained = Vec::new();
+    let mut seconds = Vec::new();
     for (name, stage_config) in &stages {
         let dir = RunDir::new(out.join(name));
         display.stage(
@@ -667,6 +919,7 @@ pub fn run_pipeline(
                 dir.root.display()
             ),
         );
+        let t = std::time::Instant::now();
         let Some(model) = finished_or_train(
             &dir,
             stage_config,
@@ -680,6 +933,7 @@ pub fn run_pipeline(
         else {
             return Ok(None);
         };
+        seconds.push((name.to_string(), t.elapsed().as_secs_f64()));
         trained.push(model);
     }
     let path = derive_path_draw(&eio_config)?;
@@ -687,6 +941,7 @@ pub fn run_pipeline(
     display.stage("derive", &format!("path {path} -> {}", dir.root.display()));
     let rgn_file = out.join("eio").join("model.safetensors");
     let derived_config = crate::derive::derived_config(&eio_config);
+    let t = std::time::Instant::now();
     let Some(derived) = finished_or_train(
         &dir,
         &derived_config,
@@ -708,6 +963,7 @@ pub fn run_pipeline(
     else {
         return Ok(None);
     };
+    seconds.push(("derive".into(), t.elapsed().as_secs_f64()));
     if config.derive.fold_bn {
         let (folded, diff) = fold(&derived, &data.test, device)?;
         folded.save(&dir.folded())?;
@@ -716,45 +972,85 @@ pub fn run_pipeline(
             &format!("folded conv+BN pairs; largest logit difference vs unfolded {diff:.2e}"),
         );
     }
-    display.stage("evaluate", "white-box and transfer, all-or-nothing");
-    let mut pair = split_members(&trained[0]).into_iter();
-    let (Some(baseline), Some(surrogate)) = (pair.next(), pair.next()) else {
-        return Err(ExperimentError::Usage(
-            "the baseline run holds fewer than 2 models".into(),
-        ));
+    let t = std::time::Instant::now();
+    let Some(surrogate_files) = train_surrogates(
+        config,
+        &out.join("surrogates"),
+        data,
+        device,
+        dtype,
+        display,
+        interrupt,
+    )?
+    else {
+        return Ok(None);
     };
+    seconds.push(("surrogates".into(), t.elapsed().as_secs_f64()));
+    let suite_dir = out.join("suite");
+    display.stage(
+        "suite",
+        &format!("black-box transfer suite -> {}", suite_dir.display()),
+    );
+    let t = std::time::Instant::now();
+    let surrogates = surrogate_files
+        .iter()
+        .map(|(name, file)| crate::blackbox::Surrogate::load(name, file, device, dtype))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ExperimentError::Usage(anyhow_chain(&e)))?;
+    let generated = crate::blackbox::generate(
+        &suite_dir,
+        config,
+        &surrogates,
+        &suite_images(config, data),
+        eio_spec::blackbox::Shard::ALL,
+        device,
+        dtype,
+        &mut SuiteProgress(display),
+        interrupt,
+    )
+    .map_err(|e| ExperimentError::Usage(anyhow_chain(&e)))?;
+    if generated.interrupted {
+        return Ok(None);
+    }
+    seconds.push(("suite".into(), t.elapsed().as_secs_f64()));
+    let suite = crate::blackbox::Suite::open(&suite_dir)
+        .map_err(|e| ExperimentError::Usage(anyhow_chain(&e)))?;
+    display.stage(
+        "evaluate",
+        "clean, white-box and black-box suite, all-or-nothing",
+    );
     let images = eval_images(config, data);
-    let models = [
-        Evaluated {
-            name: "baseline".into(),
-            checkpoint: baseline,
+    let mut models: Vec<Evaluated> = config
+        .run
+        .baselines
+        .iter()
+        .map(|&m| Evaluated {
+            name: format!("Baseline-{m}"),
+            checkpoint: first_members(&trained[0], m),
             path: None,
-        },
-        Evaluated {
-            name: format!("EIO-derived ({path})"),
-            checkpoint: derived,
-            path: None,
-        },
-        Evaluated {
-            name: "surrogate".into(),
-            checkpoint: surrogate,
-            path: None,
-        },
-    ];
+        })
+        .collect();
+    models.push(Evaluated {
+        name: format!("EIO-derived ({path})"),
+        checkpoint: derived,
+        path: None,
+    });
     let (plans, paths) = plans_and_paths(&models, false)?;
-    let surrogate_target = target(&models[2..], &plans[2..], &paths[2..], Deployment::Fixed)?;
     let mut reports = Vec::new();
-    for i in 0..2 {
-        let t = target(
+    let mut sanity = Vec::new();
+    let t = std::time::Instant::now();
+    for i in 0..models.len() {
+        let target = target(
             &models[i..=i],
             &plans[i..=i],
             &paths[i..=i],
             Deployment::Fixed,
         )?;
+        let name = &models[i].name;
         reports.extend(evaluate(
-            &models[i].name,
-            &t,
-            Some(("surrogate", &surrogate_target)),
+            name,
+            &target,
+            None,
             &images,
             &config.eval,
             config.seed,
@@ -762,16 +1058,61 @@ pub fn run_pipeline(
             dtype,
             &mut |a, b, n| display.eval_progress(a, b, n),
         )?);
+        reports.push(suite_report(
+            name,
+            &target,
+            &suite,
+            config.seed,
+            config.eval.batch_size,
+            device,
+            dtype,
+            &mut |b, n| display.eval_progress("black-box suite", b, n),
+        )?);
+        sanity.push(crate::sanity::gradient_masking(
+            name,
+            &target,
+            &images,
+            &config.eval,
+            config.seed,
+            device,
+            dtype,
+        )?);
     }
-    EvalReport::write(&reports, out)?;
+    seconds.push(("evaluate".into(), t.elapsed().as_secs_f64()));
+    let undefended: Vec<String> = config
+        .run
+        .baselines
+        .iter()
+        .map(|m| format!("Baseline-{m}"))
+        .collect();
+    let mut flags = crate::sanity::report_flags(&reports, &undefended);
+    flags.extend(sanity);
+    EvalReport::write(&reports, &flags, out)?;
     let report = PipelineReport {
         derived_path: path.to_string(),
         reports,
+        sanity: flags,
     };
     let md = out.join("report.md");
-    write_atomically(&md, markdown(config, &report, images.len()).as_bytes())
-        .map_err(RunDir::write_err(&md))?;
+    let timing = PipelineTiming {
+        stages: seconds,
+        total: started.elapsed().as_secs_f64(),
+        generated: generated.generated,
+    };
+    write_atomically(
+        &md,
+        markdown(config, &report, images.len(), &suite, &timing).as_bytes(),
+    )
+    .map_err(RunDir::write_err(&md))?;
     Ok(Some(report))
+}
+
+/// Wall times of one `eio run` call (stages reused from an earlier call count ~0).
+struct PipelineTiming {
+    stages: Vec<(String, f64)>,
+    total: f64,
+    /// Suite jobs generated in this call, with their wall time.
+    generated: Vec<(String, f64)>,
 }
 
 /// The stage's finished model, or train it (fresh from `fresh`, or resumed) and return it;
@@ -799,31 +1140,121 @@ fn finished_or_train(
     }
 }
 
-fn markdown(config: &Config, report: &PipelineReport, images: usize) -> String {
+fn markdown(
+    config: &Config,
+    report: &PipelineReport,
+    images: usize,
+    suite: &crate::blackbox::Suite,
+    timing: &PipelineTiming,
+) -> String {
     let eval = &config.eval;
-    let losses: Vec<String> = eval
-        .losses
+    let bb = &suite.manifest.config;
+    let paper = eio_spec::config::BlackboxConfig::default();
+    let names = |losses: &[eio_spec::config::AttackLoss]| -> String {
+        losses
+            .iter()
+            .map(|l| l.name())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    let surrogates: Vec<String> = suite
+        .manifest
+        .surrogates
         .iter()
-        .map(|l| format!("{l:?}").to_lowercase())
+        .map(|s| format!("{} ({} x {}, seed {})", s.name, s.members, s.model, s.seed))
         .collect();
+    let reduced = if *bb == paper {
+        "the paper's (DVERGE's) protocol".to_string()
+    } else {
+        let mut diffs = Vec::new();
+        if bb.images != paper.images {
+            diffs.push(format!("{} images (paper {})", bb.images, paper.images));
+        }
+        if bb.steps != paper.steps {
+            diffs.push(format!("{} steps (paper {})", bb.steps, paper.steps));
+        }
+        if bb.eps != paper.eps {
+            diffs.push(format!("eps {:?} (paper 0.01..0.07)", bb.eps));
+        }
+        if bb.surrogate_sizes != paper.surrogate_sizes {
+            diffs.push(format!(
+                "surrogate ensembles of {:?} members (paper [3, 5, 8])",
+                bb.surrogate_sizes
+            ));
+        }
+        if bb.attacks != paper.attacks || bb.mpgd_starts != paper.mpgd_starts {
+            diffs.push(format!(
+                "attacks {:?} with {} momentum-PGD start(s) (paper mpgd x3, mdi2, sgm)",
+                bb.attacks, bb.mpgd_starts
+            ));
+        }
+        if bb.losses != paper.losses {
+            diffs.push(format!("losses {} (paper ce and cw)", names(&bb.losses)));
+        }
+        format!("a REDUCED suite: {}", diffs.join(", "))
+    };
+    let flags: Vec<String> = report
+        .sanity
+        .iter()
+        .map(|f| format!("- {}", f.line()))
+        .collect();
+    let breaches = report.sanity.iter().filter(|f| !f.passed).count();
+    let stage_times: Vec<String> = timing
+        .stages
+        .iter()
+        .map(|(name, s)| format!("{name} {s:.0} s"))
+        .collect();
+    let per_job = if timing.generated.is_empty() {
+        "no suite job was generated in this call".to_string()
+    } else {
+        let total: f64 = timing.generated.iter().map(|(_, s)| s).sum();
+        format!(
+            "{} suite jobs generated, {:.1} s per job on average",
+            timing.generated.len(),
+            total / timing.generated.len() as f64
+        )
+    };
     format!(
         "# eio run report\n\n\
-         Dataset `{:?}`, model {} width {} (EIO: n = {}, p = {}), seed {}.\n\
-         EIO-derived path: `{}`.\n\n\
-         All-or-nothing accuracy on {images} test images (a fixed seeded subset): PGD, {} steps, \
-         step eps·{}, {} restart(s), loss {}; an image counts as robust only if every version \
-         fails. Transfer examples are made on the independently trained surrogate baseline.\n\n{}",
+         Dataset `{:?}` ({} training images), model {} width {} (EIO: n = {}, p = {}), {} + {} epochs, seed {}.\n\
+         EIO-derived path: `{}`. Baselines: the first m members of one ensemble trained with seed {}.\n\n\
+         ## Table 1 shape\n\n\
+         All-or-nothing accuracy: black-box at eps {} over the {}-version suite, white-box at eps {}.\n\n{}\n\
+         ## All measurements\n\n\
+         White-box: PGD, {} steps, step eps·{}, {} restart(s), loss {}, on {images} test images \
+         (a fixed seeded subset). Black-box: {} versions per image from surrogates {}; {}; \
+         {} steps of eps·{}, losses {}; an image counts as robust only if every version fails.\n\n{}\n\
+         Curves over eps: `eval.csv`; per-version accuracies: `eval.json`.\n\n\
+         ## Sanity checks ({breaches} warning(s))\n\n{}\n\n\
+         ## Time\n\n{}; total {:.0} s; {per_job}.\n",
         config.data.dataset,
+        config.data.train_limit.map_or("all".to_string(), |l| l.to_string()),
         config.model.name(),
         config.model.width,
         config.model.n,
         config.eio.p,
+        config.eio.pretrain_epochs,
+        config.train.epochs,
         config.seed,
         report.derived_path,
+        config.seed,
+        config.run.table_black_eps,
+        suite.version_names().len(),
+        config.run.table_white_eps,
+        EvalReport::table1(&report.reports, config.run.table_black_eps, config.run.table_white_eps),
         eval.steps,
         eval.step_fraction,
         eval.restarts,
-        losses.join(" and "),
-        EvalReport::table(&report.reports)
+        names(&eval.losses),
+        suite.version_names().len(),
+        surrogates.join(", "),
+        reduced,
+        bb.steps,
+        bb.step_fraction,
+        names(&bb.losses),
+        EvalReport::table(&report.reports),
+        flags.join("\n"),
+        stage_times.join(", "),
+        timing.total,
     )
 }

@@ -9,6 +9,7 @@
 //! f32 and f64 on the CPU; CUDA with the `cuda` feature, chosen at run time ([`device`]).
 
 pub mod attack;
+pub mod blackbox;
 pub mod checkpoint;
 pub mod derive;
 pub mod device;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod pytorch;
+pub mod sanity;
 pub mod state;
 pub mod train;
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Result, Tensor};
+use eio_spec::attack::SkipGradient;
 use eio_spec::config::BnMode;
 use eio_spec::plan::{NodeId, Op, Plan};
 use eio_spec::Path;
@@ -202,7 +203,7 @@ pub fn logits(
 }
 
 /// Back-propagates `seeds` (dL/d(output) at nodes) through the pass in `trace`: every
-/// parameter gradient and dL/d(input).
+/// parameter gradient and dL/d(input). The same as [`backward_with`] without SGM.
 ///
 /// # Errors
 /// On a device error.
@@ -215,7 +216,30 @@ pub fn backward(
     trace: &Trace,
     seeds: &[(NodeId, Tensor)],
 ) -> Result<Gradients> {
-    propagate(plan, state, trace, seeds, true)
+    backward_with(plan, state, trace, seeds, None)
+}
+
+/// [`backward`] with SGM, the skip-gradient method (Wu et al. 2020, "Skip Connections Matter",
+/// Sec. 3), when `skip` is set: at every residual add y = r + s of the plan
+/// ([`Plan::residual_blocks`]), the upstream gradient g is first divided by its unbiased
+/// standard deviation when `skip.normalise`, then the residual branch r receives
+/// `skip.branch_factor(block)`·g and the skip path s receives g
+/// ([`ops::skip_gradient_add_backward`]; `eio_reference::model::backward_with`). Every other
+/// node back-propagates as in [`backward`]; with `None` the result is [`backward`]'s.
+///
+/// # Errors
+/// On a device error.
+///
+/// # Panics
+/// If a seed's node was not computed by the pass.
+pub fn backward_with(
+    plan: &Plan,
+    state: &ModelState,
+    trace: &Trace,
+    seeds: &[(NodeId, Tensor)],
+    skip: Option<&SkipGradient>,
+) -> Result<Gradients> {
+    propagate(plan, state, trace, seeds, skip, true)
 }
 
 /// dL/d(input) of `seeds` back-propagated through the pass in `trace`, without the
@@ -233,21 +257,47 @@ pub fn input_gradient(
     trace: &Trace,
     seeds: &[(NodeId, Tensor)],
 ) -> Result<Tensor> {
-    Ok(propagate(plan, state, trace, seeds, false)?
+    input_gradient_with(plan, state, trace, seeds, None)
+}
+
+/// [`input_gradient`] with SGM's scaling at the residual adds when `skip` is set (see
+/// [`backward_with`]); identical to `backward_with(.., skip)?.input`.
+///
+/// # Errors
+/// On a device error.
+///
+/// # Panics
+/// If a seed's node was not computed by the pass, or no seed reaches the input.
+pub fn input_gradient_with(
+    plan: &Plan,
+    state: &ModelState,
+    trace: &Trace,
+    seeds: &[(NodeId, Tensor)],
+    skip: Option<&SkipGradient>,
+) -> Result<Tensor> {
+    Ok(propagate(plan, state, trace, seeds, skip, false)?
         .input
         .expect("the pass starts at the input"))
 }
 
-/// The backward traversal of [`backward`] (`with_params`) and [`input_gradient`] (not
-/// `with_params`: only dL/dx of each op, [`Gradients::params`] stays empty).
+/// The backward traversal of [`backward_with`] (`with_params`) and [`input_gradient_with`]
+/// (not `with_params`: only dL/dx of each op, [`Gradients::params`] stays empty).
 fn propagate(
     plan: &Plan,
     state: &ModelState,
     trace: &Trace,
     seeds: &[(NodeId, Tensor)],
+    skip: Option<&SkipGradient>,
     with_params: bool,
 ) -> Result<Gradients> {
     let last = trace.outputs.len() - 1;
+    // SGM: the branch factor of each residual add node.
+    let branch_factors: BTreeMap<NodeId, f64> = skip.map_or_else(BTreeMap::new, |skip| {
+        plan.residual_blocks()
+            .iter()
+            .map(|block| (block.add, skip.branch_factor(block)))
+            .collect()
+    });
     let mut node_grads: Vec<Option<Tensor>> = vec![None; last + 1];
     fn add(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
         *slot = Some(match slot.take() {
@@ -315,10 +365,18 @@ fn propagate(
                 &mut node_grads[input(0)],
                 ops::leaky_relu_backward(x(0), *slope, &g)?,
             )?,
-            Op::Add => {
-                add(&mut node_grads[input(0)], g.clone())?;
-                add(&mut node_grads[input(1)], g)?;
-            }
+            Op::Add => match (skip, branch_factors.get(&id)) {
+                (Some(skip), Some(&factor)) => {
+                    let (residual, skip_path) =
+                        ops::skip_gradient_add_backward(&g, factor, skip.normalise)?;
+                    add(&mut node_grads[input(0)], residual)?;
+                    add(&mut node_grads[input(1)], skip_path)?;
+                }
+                _ => {
+                    add(&mut node_grads[input(0)], g.clone())?;
+                    add(&mut node_grads[input(1)], g)?;
+                }
+            },
             Op::MaxPool2 => add(
                 &mut node_grads[input(0)],
                 ops::max_pool2_backward(x(0), &g)?,

@@ -5,23 +5,34 @@
 //! # Random streams (all from `eio_spec::rng`, so a resumed run draws exactly what an
 //! uninterrupted one would)
 //! * data order and augmentation of epoch e: `DataOrder` / `Augmentation` via
-//!   `eio_data::EpochPlan`, indexed by the global epoch (counted over all phases);
+//!   `eio_data::EpochPlan`, indexed by the global epoch (counted over all phases); the crops
+//!   and flips of source batch b come from `Augmentation` index e·2^32 + b
+//!   (`eio_data::feed::augment_stream_index`);
 //! * the target images x_t of Eq. 2 for epoch e: a permutation of the training set from
 //!   `TargetPairing` (index e); batch b is distilled towards the images at positions
-//!   b·B..(b+1)·B of it (not augmented), as DVERGE pairs two independently shuffled loaders;
+//!   b·B..(b+1)·B of it, as the authors and DVERGE pair two independently shuffled iterators
+//!   over the same augmented loader. With `eio.target_augment` (and `data.augment`) each x_t
+//!   gets its own crop and flip, drawn exactly as a source batch's (per image: top, left,
+//!   flip) from `Augmentation` index [`TARGET_AUGMENTATION`] + e·2^32 + b: bit 63 is set, so it
+//!   never meets a source batch's index (those stay below 2^63 for every epoch below 2^31), and
+//!   it depends only on (e, b), so a run resumed at batch b draws what an uninterrupted one
+//!   does;
 //! * per iteration i (counted over all phases): the layer and paths of Algorithm 1 lines 11-12
 //!   (`spec::sampler::draw_iteration`), the pre-training path of line 4 and the AdvT path of an
 //!   RGN (`Gates`, index i), and the random starts of Eq. 2 and of training-time PGD
 //!   (`DistillStart`, index i);
-//! * the path of each epoch's validation pass of an RGN: `Gates`, index
-//!   [`VALIDATION_GATES`] + e (the authors draw one path per validation pass).
+//! * the path of each epoch's accuracy pass of an RGN (on the hold-out, or on the test set
+//!   when `data.validation = 0`): `Gates`, index [`VALIDATION_GATES`] + e (the authors draw one
+//!   path per validation pass).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use eio_data::{Augment, DataSplits, EpochPlan, Images};
-use eio_spec::config::{Config, Method, UnusedParams};
+use eio_data::feed::{augment_image, augment_stream_index};
+use eio_data::split::below;
+use eio_data::{Augment, AugmentDraw, DataSplits, EpochPlan, Images};
+use eio_spec::config::{Config, Method, PretrainSchedule, UnusedParams};
 use eio_spec::rng::{Seeds, Stream};
 use eio_spec::sampler::draw_iteration;
 use eio_spec::schedule::LrSchedule;
@@ -31,7 +42,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::attack::{pgd_train_mode, AttackSettings, Member, Target};
 use crate::checkpoint::{
-    sgd_config, Checkpoint, CheckpointError, EpochTotals, ModelKind, Phase, Progress,
+    phase_sgd_config, sgd_config, Checkpoint, CheckpointError, EpochTotals, ModelKind, Phase,
+    Progress,
 };
 use crate::eio::{clean_step, eq4_iteration, EioBatch};
 use crate::optim::Sgd;
@@ -40,6 +52,10 @@ use crate::EngineError;
 
 /// First `Gates` stream index of the per-epoch validation paths (far above any iteration).
 pub const VALIDATION_GATES: u64 = 1 << 62;
+
+/// Added to a batch's `Augmentation` stream index (`augment_stream_index(epoch, batch)`) for
+/// the crops and flips of that batch's target images x_t (see the module docs).
+pub const TARGET_AUGMENTATION: u64 = 1 << 63;
 
 /// Errors of a training run.
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +91,13 @@ pub struct EpochRecord {
     pub distill_loss: Option<f64>,
     pub sign_ties: usize,
     /// Accuracy on the validation hold-out (eval-mode BN; an RGN on one random path, an
-    /// ensemble through the mean softmax).
+    /// ensemble through the mean softmax); None when `data.validation = 0`.
     pub validation_accuracy: Option<f64>,
+    /// Accuracy on the test set, measured the same way, when there is no hold-out
+    /// (`data.validation = 0`: training uses every training image, and the per-epoch accuracy
+    /// is the test accuracy, as in the authors' and DVERGE's logs); None with a hold-out.
+    #[serde(default)]
+    pub test_accuracy: Option<f64>,
     pub images: usize,
     pub seconds: f64,
     pub images_per_second: f64,
@@ -211,7 +232,11 @@ pub fn start_finetune(
         config,
         model,
         vec![state],
-        vec![Sgd::new(sgd_config(config, config.derive.lr))],
+        vec![Sgd::new(phase_sgd_config(
+            config,
+            Phase::Finetune,
+            config.derive.lr,
+        ))],
         Progress::start(phase),
         dtype,
     )
@@ -240,11 +265,16 @@ fn next_phase(config: &Config, phase: Phase) -> Phase {
         .unwrap_or(Phase::Done)
 }
 
-/// The learning rate of epoch `epoch` of `phase`: pre-training at the base rate, the main
-/// phase on `train`'s schedule, fine-tuning on `derive.lr` with `derive.milestones`.
+/// The learning rate of epoch `epoch` of `phase`: pre-training on `train`'s schedule from its
+/// own epoch 0 (`eio.pretrain_schedule = "step"`, the authors' warm-up) or at `train.lr`
+/// (`"constant"`), the main phase on `train`'s schedule, fine-tuning on `derive.lr` with
+/// `derive.milestones`.
 pub fn learning_rate(config: &Config, phase: Phase, epoch: usize) -> f64 {
     match phase {
-        Phase::Pretrain => config.train.lr,
+        Phase::Pretrain => match config.eio.pretrain_schedule {
+            PretrainSchedule::Step => config.train.schedule().lr(epoch),
+            PretrainSchedule::Constant => config.train.lr,
+        },
         Phase::Main => config.train.schedule().lr(epoch),
         Phase::Finetune => LrSchedule {
             base: config.derive.lr,
@@ -308,16 +338,43 @@ pub fn accuracy<R: rand::Rng + ?Sized>(
     Ok(correct as f64 / n as f64)
 }
 
-/// Validation accuracy of a checkpoint's model(s).
-fn validate(
+/// The per-epoch accuracy of a checkpoint's model(s): `(validation, test)`, on the hold-out
+/// when there is one, else on the test set (never both, and neither when the set is empty).
+fn epoch_accuracy(
     checkpoint: &Checkpoint,
     plan: &Plan,
     data: &DataSplits,
     device: &Device,
     dtype: DType,
     global_epoch: usize,
-) -> candle_core::Result<Option<f64>> {
+) -> candle_core::Result<(Option<f64>, Option<f64>)> {
     if data.validation.is_empty() {
+        let test = measure(checkpoint, plan, &data.test, device, dtype, global_epoch)?;
+        return Ok((None, test));
+    }
+    let validation = measure(
+        checkpoint,
+        plan,
+        &data.validation,
+        device,
+        dtype,
+        global_epoch,
+    )?;
+    Ok((validation, None))
+}
+
+/// Accuracy of a checkpoint's model(s) on `images` (eval-mode BN; an RGN on the epoch's
+/// random path from `Gates` index [`VALIDATION_GATES`] + epoch; an ensemble through the mean
+/// softmax); None for no images.
+fn measure(
+    checkpoint: &Checkpoint,
+    plan: &Plan,
+    images: &Images,
+    device: &Device,
+    dtype: DType,
+    global_epoch: usize,
+) -> candle_core::Result<Option<f64>> {
+    if images.is_empty() {
         return Ok(None);
     }
     let config = &checkpoint.meta.config;
@@ -351,7 +408,7 @@ fn validate(
     let mut unused = seeds.stream(Stream::Gates, VALIDATION_GATES - 1);
     accuracy(
         &target,
-        &data.validation,
+        images,
         config.eval.batch_size,
         device,
         dtype,
@@ -388,9 +445,13 @@ pub fn train(
         let batches = epoch_plan.batches();
         observer.phase(phase, progress.epoch, epochs, batches);
         let lr = learning_rate(&config, phase, progress.epoch);
+        // The whole optimiser setting per phase (fine-tuning has its own Nesterov switch), so
+        // an optimiser made elsewhere for this checkpoint steps as the phase says.
         for opt in &mut checkpoint.optimisers {
-            opt.config.lr = lr;
+            opt.config = phase_sgd_config(&config, phase, lr);
         }
+        let target_augment =
+            Augment::from_config(&config.data).filter(|_| config.eio.target_augment);
         let targets = if phase == Phase::Main && config.train.method == Method::Eio {
             let mut order: Vec<usize> = (0..data.train.len()).collect();
             order.shuffle(&mut seeds.stream(Stream::TargetPairing, progress.global_epoch as u64));
@@ -411,7 +472,12 @@ pub fn train(
                 let idx: Vec<usize> = (0..n)
                     .map(|k| targets[(start + k) % targets.len()])
                     .collect();
-                let t = data.train.subset(&idx);
+                let mut t = data.train.subset(&idx);
+                if let Some(aug) = target_augment {
+                    let index =
+                        TARGET_AUGMENTATION | augment_stream_index(progress.global_epoch, b);
+                    augment_targets(&mut t, aug, &mut seeds.stream(Stream::Augmentation, index));
+                }
                 Some(to_tensors(t.pixels, t.labels, &data.train, device, dtype)?.0)
             };
             let step = Step {
@@ -451,7 +517,7 @@ pub fn train(
             }
         }
         let totals = checkpoint.meta.progress.totals;
-        let validation_accuracy = validate(
+        let (validation_accuracy, test_accuracy) = epoch_accuracy(
             checkpoint,
             &plan,
             data,
@@ -471,6 +537,7 @@ pub fn train(
             distill_loss: (totals.distill_sum != 0.0).then(|| totals.distill_sum / images),
             sign_ties: totals.sign_ties,
             validation_accuracy,
+            test_accuracy,
             images: totals.images,
             seconds: totals.seconds,
             images_per_second: totals.images as f64 / totals.seconds.max(1e-9),
@@ -493,6 +560,42 @@ pub fn train(
         }
     }
     Ok(Outcome::Finished)
+}
+
+/// The crop and flip draws of `n` images from `rng`, in image order, as
+/// `eio_data::EpochPlan::augment_draws` makes them for a source batch: per image the crop's
+/// top offset, its left offset (each uniform in 0..=2·padding) and the flip (`below(2) == 1`).
+pub fn augment_draws<R: rand::RngCore + ?Sized>(
+    n: usize,
+    augment: Augment,
+    rng: &mut R,
+) -> Vec<AugmentDraw> {
+    let span = 2 * augment.padding as u64 + 1;
+    (0..n)
+        .map(|_| {
+            let top = below(rng, span) as usize;
+            let left = below(rng, span) as usize;
+            let flip = below(rng, 2) == 1;
+            AugmentDraw {
+                top,
+                left,
+                flip: augment.flip && flip,
+            }
+        })
+        .collect()
+}
+
+/// Crops and flips every image of `images` in place with draws from `rng`
+/// ([`augment_draws`]).
+fn augment_targets<R: rand::RngCore + ?Sized>(images: &mut Images, augment: Augment, rng: &mut R) {
+    let shape = images.shape;
+    let l = shape.len();
+    let draws = augment_draws(images.len(), augment, rng);
+    let mut out = vec![0.0f32; l];
+    for (k, draw) in draws.into_iter().enumerate() {
+        augment_image(images.image(k), shape, augment.padding, draw, &mut out);
+        images.pixels[k * l..(k + 1) * l].copy_from_slice(&out);
+    }
 }
 
 /// What one batch did.

@@ -2,89 +2,15 @@
 //! `eio run` produces its report, `eio eval` and `eio derive` work on its models, a training
 //! process killed with SIGKILL resumes to the same weights, and bad input gets clear errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use eio_accelerated::checkpoint::Checkpoint;
 
-fn eio() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_eio"))
-}
+mod common;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("eio-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-/// CIFAR-10 binaries (`data_batch_1..5.bin`, `test_batch.bin`) with `per_file` records each,
-/// pixels from a fixed formula whose mean depends on the label (so a model can learn).
-fn write_cifar(dir: &Path, per_file: usize) {
-    let record = |i: usize, label: u8| -> Vec<u8> {
-        let mut r = vec![label];
-        r.extend((0..3072).map(|k| {
-            let base = 40 + 18 * label as usize;
-            ((base + (k * 7 + i * 13) % 60) % 256) as u8
-        }));
-        r
-    };
-    let file = |name: &str, offset: usize| {
-        let bytes: Vec<u8> = (0..per_file)
-            .flat_map(|i| record(offset + i, ((offset + i) % 10) as u8))
-            .collect();
-        std::fs::write(dir.join(name), bytes).expect("write fixture");
-    };
-    for b in 1..=5 {
-        file(&format!("data_batch_{b}.bin"), b * 1000);
-    }
-    file("test_batch.bin", 0);
-}
-
-fn tiny_config(dir: &Path, data: &Path, epochs: usize) -> PathBuf {
-    let text = format!(
-        r#"seed = 3
-[model]
-depth = 8
-width = 0.25
-n = 2
-sharing = "shared-conv"
-[data]
-dataset = "cifar10"
-path = "{}"
-validation = 8
-[train]
-epochs = {epochs}
-batch_size = 16
-milestones = []
-[eio]
-p = 2
-pretrain_epochs = 1
-[distill]
-steps = 2
-[eval]
-images = 12
-eps = [0.02, 0.05]
-steps = 3
-restarts = 1
-batch_size = 8
-[derive]
-finetune_epochs = 1
-"#,
-        data.display()
-    );
-    let path = dir.join("tiny.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
-fn ok(output: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "eio failed: {stderr}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use common::{eio, ok, scratch, tiny_config, write_cifar};
 
 #[test]
 fn eio_run_trains_derives_evaluates_and_reports() {
@@ -98,8 +24,15 @@ fn eio_run_trains_derives_evaluates_and_reports() {
         .output()
         .unwrap();
     let table = ok(&output);
-    assert!(table.contains("| baseline | white-box PGD |"), "{table}");
-    assert!(table.contains("transfer PGD from surrogate"), "{table}");
+    assert!(table.contains("| Baseline-1 | white-box PGD |"), "{table}");
+    assert!(
+        table.contains("| Baseline-2 | black-box suite (16 versions) |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| model | clean (%) | black-box eps 0.03 (%)"),
+        "{table}"
+    );
     assert!(table.contains("EIO-derived"), "{table}");
     for f in [
         "report.md",
@@ -112,11 +45,25 @@ fn eio_run_trains_derives_evaluates_and_reports() {
         "eio/metrics.jsonl",
         "derived/model.safetensors",
         "derived/folded.safetensors",
+        "surrogates/baseline1/model.safetensors",
+        "surrogates/baseline2/model.safetensors",
+        "suite/manifest.json",
+        "suite/clean.safetensors",
+        "suite/eps_0.05/from_baseline2_cw_sgm_0.2_steps_2.safetensors",
     ] {
         assert!(out.join(f).exists(), "{f} is missing");
     }
     let csv = std::fs::read_to_string(out.join("eval.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 4 * 2, "{csv}");
+    // 3 models (Baseline-1, Baseline-2, EIO-derived) x (white-box, suite) x 2 radii.
+    assert_eq!(csv.lines().count(), 1 + 3 * 2 * 2, "{csv}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("REDUCED suite"), "{report}");
+    assert!(report.contains("## Sanity checks"), "{report}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert!(!json["sanity"].as_array().unwrap().is_empty());
+    let versions = &json["reports"][1]["report"]["per_eps"][0]["robustness"]["per_version"];
+    assert_eq!(versions.as_object().unwrap().len(), 16, "{versions}");
     let eio_metrics = std::fs::read_to_string(out.join("eio/metrics.jsonl")).unwrap();
     assert_eq!(eio_metrics.lines().count(), 2, "pre-training + 1 EIO epoch");
     let derived =

@@ -1,12 +1,16 @@
 //! `model::input_gradient` (the input-only backward of PGD and Eq. 2) against
 //! `model::backward(..).input`: bit-identical, in f64 and f32, train and eval mode, with seeds
 //! at the logits and at a distillation feature, on a ResNet-8 whose plan has stride-2 convs
-//! and 1x1 shortcut convs.
+//! and 1x1 shortcut convs. The same for SGM's `input_gradient_with` and `backward_with`, whose
+//! `None` is the plain backward and whose γ = 1 without normalisation changes nothing.
 
 use candle_core::{DType, Device, Tensor};
-use eio_accelerated::model::{backward, forward, input_gradient};
+use eio_accelerated::model::{
+    backward, backward_with, forward, input_gradient, input_gradient_with,
+};
 use eio_accelerated::ops;
 use eio_accelerated::state::ModelState;
+use eio_spec::attack::SkipGradient;
 use eio_spec::config::{BnMode, Preset};
 use eio_spec::plan::{FeatureSite, Op, Plan};
 use eio_spec::rng::Seeds;
@@ -138,4 +142,74 @@ fn input_gradient_equals_backward_input_f64() {
 #[test]
 fn input_gradient_equals_backward_input_f32() {
     check(DType::F32);
+}
+
+/// SGM's passes: `input_gradient_with` is `backward_with(..).input` bit for bit (for every
+/// switch), `None` is the plain pass, and γ = 1 without normalisation multiplies by 1 only.
+fn check_skip_gradient(dtype: DType) {
+    let plan = small_plan();
+    assert_eq!(
+        plan.residual_blocks().len(),
+        3,
+        "ResNet-8: one block per stage"
+    );
+    let state =
+        ModelState::init(&plan, &Seeds::new(12), 0, &Device::Cpu, dtype).expect("initial state");
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let images = random(&[3, 3, 8, 8], 0.0, 1.0, dtype, &mut rng);
+    let path = plan.path_space().sample(&mut rng);
+    for mode in [BnMode::Train, BnMode::Eval] {
+        let trace = forward(&plan, &state, &path, &images, mode, plan.logits()).expect("pass");
+        let seeds = [(
+            plan.logits(),
+            random(trace.last().dims(), -1.0, 1.0, dtype, &mut rng),
+        )];
+        let plain = input_gradient(&plan, &state, &trace, &seeds).expect("plain");
+        let none = input_gradient_with(&plan, &state, &trace, &seeds, None).expect("None");
+        assert!(
+            bits(&none) == bits(&plain),
+            "{dtype:?} {mode:?}: None is the plain pass"
+        );
+        let one = SkipGradient {
+            gamma: 1.0,
+            normalise: false,
+            exclude_stage_first: false,
+        };
+        let unit = input_gradient_with(&plan, &state, &trace, &seeds, Some(&one)).expect("γ = 1");
+        assert!(
+            bits(&unit) == bits(&plain),
+            "{dtype:?} {mode:?}: γ = 1 changes nothing"
+        );
+        for (gamma, normalise, exclude_stage_first) in
+            [(0.2, false, false), (0.2, true, false), (0.5, true, true)]
+        {
+            let skip = SkipGradient {
+                gamma,
+                normalise,
+                exclude_stage_first,
+            };
+            let what = format!("{dtype:?} {mode:?} {skip:?}");
+            let full = backward_with(&plan, &state, &trace, &seeds, Some(&skip))
+                .expect("backward_with")
+                .input
+                .expect("input");
+            let only =
+                input_gradient_with(&plan, &state, &trace, &seeds, Some(&skip)).expect("input");
+            assert!(
+                bits(&only) == bits(&full),
+                "{what}: input_gradient_with differs"
+            );
+            assert!(bits(&only) != bits(&plain), "{what}: SGM changed nothing");
+        }
+    }
+}
+
+#[test]
+fn skip_gradient_passes_agree_f64() {
+    check_skip_gradient(DType::F64);
+}
+
+#[test]
+fn skip_gradient_passes_agree_f32() {
+    check_skip_gradient(DType::F32);
 }

@@ -7,14 +7,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use eio_accelerated::checkpoint::{Checkpoint, CheckpointError, Phase};
+use eio_accelerated::checkpoint::{phase_sgd_config, Checkpoint, CheckpointError, Phase};
 use eio_accelerated::derive::{derive_path, FoldedNetwork};
 use eio_accelerated::model::logits;
 use eio_accelerated::state::ModelState;
 use eio_accelerated::train::{self, BatchEvent, EpochRecord, Flow, Observer, Outcome, TrainError};
-use eio_data::{DataSplits, ImageShape, Images};
-use eio_spec::config::{BnMode, Config, Method, Sharing};
-use eio_spec::rng::Seeds;
+use eio_data::feed::augment_stream_index;
+use eio_data::{Augment, DataSplits, EpochPlan, ImageShape, Images};
+use eio_spec::config::{BnMode, Config, Method, PretrainSchedule, Sharing};
+use eio_spec::rng::{Seeds, Stream};
 use eio_spec::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -48,7 +49,8 @@ fn tiny(method: Method) -> Config {
     c
 }
 
-/// Seeded random images (20 train — the last batch is partial —, 6 validation, 10 test).
+/// Seeded random images (20 train — the last batch is partial —, 6 validation, 10 test); no
+/// validation images when `data.validation = 0`.
 fn data(config: &Config) -> DataSplits {
     let shape = ImageShape::new(3, config.model.input_size, config.model.input_size);
     let mut rng = ChaCha8Rng::seed_from_u64(99);
@@ -57,10 +59,17 @@ fn data(config: &Config) -> DataSplits {
         let labels = (0..n).map(|i| (i % config.model.classes) as u32).collect();
         Images::new(shape, pixels, labels).expect("consistent sizes")
     };
+    let train = images(20);
+    let validation = images(6);
+    let test = images(10);
     DataSplits {
-        train: images(20),
-        validation: images(6),
-        test: images(10),
+        train,
+        validation: if config.data.validation == 0 {
+            Images::new(shape, Vec::new(), Vec::new()).expect("an empty set")
+        } else {
+            validation
+        },
+        test,
         classes: (0..config.model.classes).map(|c| format!("c{c}")).collect(),
         source: "synthetic".into(),
     }
@@ -188,9 +197,16 @@ fn assert_bit_identical(a: &Checkpoint, b: &Checkpoint) {
 /// Uninterrupted vs stopped (after `epochs` epochs or `batches` batches), reloaded from the
 /// file the run wrote, and resumed.
 fn kill_and_resume(method: Method, epochs: Option<usize>, batches: Option<usize>) {
-    let config = tiny(method);
+    kill_and_resume_with(tiny(method), epochs, batches);
+}
+
+fn kill_and_resume_with(config: Config, epochs: Option<usize>, batches: Option<usize>) {
+    let method = config.train.method;
     let data = data(&config);
-    let dir = scratch(&format!("{method:?}-{epochs:?}-{batches:?}"));
+    let dir = scratch(&format!(
+        "{method:?}-{epochs:?}-{batches:?}-v{}",
+        config.data.validation
+    ));
     let whole_file = dir.join("whole.safetensors");
     let mut whole = train::start(&config, &Device::Cpu, DType::F32).unwrap();
     let mut observer = StopAt::never();
@@ -222,7 +238,7 @@ fn kill_and_resume(method: Method, epochs: Option<usize>, batches: Option<usize>
     assert_bit_identical(&whole, &resumed);
     let mut records = stopper.records;
     records.extend(rest.records);
-    let strip = |r: &[EpochRecord]| -> Vec<(Phase, usize, String, String)> {
+    let strip = |r: &[EpochRecord]| -> Vec<(Phase, usize, String, String, String)> {
         r.iter()
             .map(|r| {
                 (
@@ -230,6 +246,7 @@ fn kill_and_resume(method: Method, epochs: Option<usize>, batches: Option<usize>
                     r.global_epoch,
                     format!("{:.6}", r.loss),
                     format!("{:?}", r.validation_accuracy),
+                    format!("{:?}", r.test_accuracy),
                 )
             })
             .collect()
@@ -251,6 +268,16 @@ fn eio_resumes_bit_identically_after_an_epoch() {
 fn eio_resumes_bit_identically_mid_epoch() {
     // 20 images at batch 8: 3 batches an epoch; stop after batch 2 of the second (main) epoch.
     kill_and_resume(Method::Eio, None, Some(5));
+}
+
+#[test]
+fn eio_without_a_holdout_resumes_bit_identically_mid_epoch() {
+    // data.validation = 0 (every training image, the CIFAR presets): test accuracy per epoch;
+    // x_t augmented from its own stream (eio.target_augment, the default).
+    let mut config = tiny(Method::Eio);
+    config.data.validation = 0;
+    assert!(config.eio.target_augment && config.data.augment);
+    kill_and_resume_with(config, None, Some(5));
 }
 
 #[test]
@@ -470,4 +497,187 @@ fn folded_batch_norm_gives_the_unfolded_logits() {
             .count();
         assert_eq!(convs, 9);
     }
+}
+
+#[test]
+fn pretraining_follows_the_step_schedule_or_a_constant_rate() {
+    let mut config = Config::default();
+    assert_eq!(config.eio.pretrain_schedule, PretrainSchedule::Step);
+    let lr = |c: &Config, phase, e| train::learning_rate(c, phase, e);
+    // The authors' warm-up: lr 0.1, x0.1 at 100 and 150, from pre-training epoch 0; the main
+    // phase starts again at 0.1.
+    for (e, want) in [
+        (0, 0.1),
+        (99, 0.1),
+        (100, 0.01),
+        (149, 0.01),
+        (150, 0.001),
+        (199, 0.001),
+    ] {
+        assert!(
+            (lr(&config, Phase::Pretrain, e) - want).abs() < 1e-15,
+            "epoch {e}"
+        );
+        assert_eq!(
+            lr(&config, Phase::Pretrain, e),
+            lr(&config, Phase::Main, e),
+            "epoch {e}"
+        );
+    }
+    config.eio.pretrain_schedule = PretrainSchedule::Constant;
+    for e in [0, 100, 150, 199] {
+        assert_eq!(lr(&config, Phase::Pretrain, e), 0.1, "epoch {e}");
+    }
+    assert!((lr(&config, Phase::Main, 150) - 0.001).abs() < 1e-15);
+}
+
+#[test]
+fn pretraining_epochs_run_on_the_step_schedule() {
+    let mut config = tiny(Method::Eio);
+    config.eio.pretrain_epochs = 2;
+    config.train.epochs = 1;
+    let data = data(&config);
+    let dir = scratch("pretrain-step");
+    let mut c = train::start(&config, &Device::Cpu, DType::F32).unwrap();
+    let mut observer = StopAt::never();
+    run(&mut c, &data, &dir.join("c.safetensors"), &mut observer);
+    let seen: Vec<(Phase, usize, f64)> = observer
+        .records
+        .iter()
+        .map(|r| (r.phase, r.epoch, r.lr))
+        .collect();
+    let lr = config.train.lr;
+    assert_eq!(
+        seen,
+        vec![
+            (Phase::Pretrain, 0, lr),
+            (Phase::Pretrain, 1, lr * config.train.lr_gamma),
+            (Phase::Main, 0, lr),
+        ]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fine_tuning_has_its_own_nesterov_switch() {
+    let mut config = tiny(Method::Eio);
+    config.train.nesterov = true;
+    config.derive.nesterov = false;
+    for phase in [Phase::Pretrain, Phase::Main] {
+        assert!(phase_sgd_config(&config, phase, 0.1).nesterov, "{phase:?}");
+    }
+    let finetune = phase_sgd_config(&config, Phase::Finetune, 0.001);
+    assert!(!finetune.nesterov);
+    assert_eq!(
+        (finetune.lr, finetune.momentum, finetune.weight_decay),
+        (0.001, config.train.momentum, config.train.weight_decay)
+    );
+
+    // A derived path's fine-tuning checkpoint: plain momentum, also after a save and load.
+    let plan = config.plan().unwrap();
+    let state = perturbed_state(&config, DType::F32);
+    let path = plan.path_space().path_at(5).unwrap();
+    let (derived_config, derived) = derive_path(&config, &state, &path).unwrap();
+    assert!(derived_config.train.nesterov && !derived_config.derive.nesterov);
+    let model = eio_accelerated::checkpoint::ModelKind::Derived {
+        path: path.to_string(),
+        from: "rgn.safetensors".into(),
+    };
+    let mut c = train::start_finetune(&derived_config, model, derived, DType::F32);
+    assert!(!c.optimisers[0].config.nesterov);
+    // An optimiser made with the training settings is reset to the phase's when training runs.
+    c.optimisers[0].config.nesterov = true;
+    let dir = scratch("finetune-nesterov");
+    let file = dir.join("c.safetensors");
+    let mut observer = StopAt {
+        epochs: Some(1),
+        ..StopAt::never()
+    };
+    run(&mut c, &data(&derived_config), &file, &mut observer);
+    assert!(!c.optimisers[0].config.nesterov);
+    let back = Checkpoint::load(&file, &Device::Cpu, None).unwrap();
+    assert_eq!(back.meta.progress.phase, Phase::Finetune);
+    assert!(!back.optimisers[0].config.nesterov);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_a_holdout_the_epoch_accuracy_is_test_accuracy() {
+    for validation in [0, 6] {
+        let mut config = tiny(Method::Eio);
+        config.data.validation = validation;
+        let data = data(&config);
+        assert_eq!(data.validation.len(), validation);
+        let dir = scratch(&format!("test-accuracy-{validation}"));
+        let mut c = train::start(&config, &Device::Cpu, DType::F32).unwrap();
+        let mut observer = StopAt::never();
+        run(&mut c, &data, &dir.join("c.safetensors"), &mut observer);
+        for r in &observer.records {
+            if validation == 0 {
+                assert_eq!(r.validation_accuracy, None, "{r:?}");
+                let t = r.test_accuracy.expect("test accuracy without a hold-out");
+                assert!((0.0..=1.0).contains(&t));
+                // Ten test images: a multiple of 1/10.
+                assert!(((t * 10.0) - (t * 10.0).round()).abs() < 1e-9, "{t}");
+            } else {
+                assert_eq!(r.test_accuracy, None, "{r:?}");
+                assert!(r.validation_accuracy.is_some());
+            }
+            // metrics.jsonl round trip keeps the two apart.
+            let line = serde_json::to_string(r).unwrap();
+            assert!(line.contains("\"test_accuracy\""));
+            let back: EpochRecord = serde_json::from_str(&line).unwrap();
+            assert_eq!(
+                (back.validation_accuracy, back.test_accuracy),
+                (r.validation_accuracy, r.test_accuracy)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn target_images_are_augmented_from_their_own_stream() {
+    let seeds = Seeds::new(7);
+    let aug = Augment {
+        padding: 2,
+        flip: true,
+    };
+    // The same draw algorithm as a source batch's: EpochPlan's draws at the same index.
+    let plan = EpochPlan::new(20, 8, 3, &seeds);
+    for b in 0..plan.batches() {
+        let n = plan.batch_indices(b).len();
+        let index = augment_stream_index(3, b);
+        assert_eq!(
+            train::augment_draws(n, aug, &mut seeds.stream(Stream::Augmentation, index)),
+            plan.augment_draws(b, aug)
+        );
+        // The target's index has bit 63 set: another stream position, other draws.
+        let target = train::TARGET_AUGMENTATION | index;
+        assert_ne!(target, index);
+        assert_ne!(
+            train::augment_draws(n, aug, &mut seeds.stream(Stream::Augmentation, target)),
+            plan.augment_draws(b, aug)
+        );
+    }
+    assert!(augment_stream_index((1 << 31) - 1, u32::MAX as usize) < train::TARGET_AUGMENTATION);
+
+    // The switch changes training (x_t differs), and off it means no crops or flips of x_t.
+    let run_with = |target_augment: bool| {
+        let mut config = tiny(Method::Eio);
+        config.eio.target_augment = target_augment;
+        let data = data(&config);
+        let dir = scratch(&format!("target-augment-{target_augment}"));
+        let mut c = train::start(&config, &Device::Cpu, DType::F32).unwrap();
+        let mut observer = StopAt::never();
+        run(&mut c, &data, &dir.join("c.safetensors"), &mut observer);
+        let _ = std::fs::remove_dir_all(&dir);
+        observer.records[1].distill_loss.expect("an EIO epoch")
+    };
+    let (on, off) = (run_with(true), run_with(false));
+    assert_ne!(
+        on.to_bits(),
+        off.to_bits(),
+        "x_t augmentation changes Eq. 2"
+    );
 }

@@ -399,6 +399,31 @@ fn missing_cifar_says_what_was_looked_for() {
     assert!(err.contains("train/<class>"), "{err}");
 }
 
+/// The default `data.validation = 0`: `load` keeps every training image and no validation set.
+#[test]
+fn load_without_a_holdout_keeps_every_training_image() {
+    let mut c = Config::default();
+    assert_eq!(c.data.validation, 0, "the default trains on everything");
+    c.data.path = Some(fixtures().join("cifar-10-batches-bin"));
+    let s = load(&c, &Seeds::new(0)).unwrap();
+    assert_eq!((s.train.len(), s.validation.len(), s.test.len()), (5, 0, 2));
+    assert!(s.validation.is_empty());
+    assert!(
+        s.summary().contains("5 train, 0 validation, 2 test"),
+        "{}",
+        s.summary()
+    );
+    // In file order: the same images as the unsplit training set.
+    c.data.validation = 2;
+    let split = load(&c, &Seeds::new(0)).unwrap();
+    let mut all = split.train.labels.clone();
+    all.extend(&split.validation.labels);
+    all.sort_unstable();
+    let mut everything = s.train.labels.clone();
+    everything.sort_unstable();
+    assert_eq!(all, everything);
+}
+
 #[test]
 fn cifar10_folder_with_cifar100_files_is_not_found() {
     let mut c = config_for(Dataset::Cifar10, fixtures().join("cifar-100-binary"));

@@ -88,6 +88,27 @@ fn train_limit_keeps_validation_fixed() {
     );
 }
 
+/// `data.validation = 0` (the CIFAR presets: the authors and DVERGE train on all 50,000
+/// images): nothing is held out, every image is trained on, in file order; a train limit still
+/// draws its seeded subset.
+#[test]
+fn no_holdout_trains_on_every_image() {
+    for seed in [0, 1, 99] {
+        let seeds = Seeds::new(seed);
+        let h = holdout(1000, 0, None, &seeds).unwrap();
+        assert!(h.validation.is_empty());
+        assert_eq!(h.train, (0..1000).collect::<Vec<_>>());
+        let limited = holdout(1000, 0, Some(100), &seeds).unwrap();
+        assert!(limited.validation.is_empty());
+        assert_eq!(limited.train.len(), 100);
+        assert!(limited.train.windows(2).all(|w| w[0] < w[1]));
+        assert_ne!(limited.train, (0..100).collect::<Vec<_>>());
+    }
+    // One image and no hold-out is still a training set; none is an error.
+    assert_eq!(holdout(1, 0, None, &Seeds::new(0)).unwrap().train, vec![0]);
+    assert!(holdout(0, 0, None, &Seeds::new(0)).is_err());
+}
+
 #[test]
 fn eval_subset_fixed_and_sorted() {
     let test = numbered(50, ImageShape::new(1, 2, 2));

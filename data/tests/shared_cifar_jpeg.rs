@@ -34,8 +34,9 @@ fn cifar10_jpeg_tarball() {
     c.data.path = Some(path.clone());
     let s = load(&c, &Seeds::new(0)).unwrap();
     assert!(s.source.contains("image folders"), "{}", s.source);
+    // The default data.validation = 0: all 50,000 training images, as the authors and DVERGE.
     assert_eq!(s.train.len() + s.validation.len(), 50_000);
-    assert_eq!(s.validation.len(), 10_000);
+    assert_eq!(s.validation.len(), c.data.validation);
     assert_eq!(s.test.len(), 10_000);
     assert_eq!(s.train.shape, ImageShape::new(3, 32, 32));
     // Class folders sorted by name are CIFAR-10's label order.

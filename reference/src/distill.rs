@@ -10,7 +10,8 @@
 //! ```text
 //! z_0     = clamp(x_s + U(−ε_d, ε_d), 0, 1)   with random_start, else x_s
 //! g_k     = ∇_z MSE(f^l_P(z_k), f^l_P(x_t))            (mean over all feature elements)
-//! m_k     = μ·m_{k−1} + g_k / max(‖g_k‖₁, 1e−12)        (per sample; with momentum, else m_k = g_k)
+//! m_k     = μ·m_{k−1} + g_k / max(‖g_k‖₁, 1e−12)        (per sample; with momentum, else m_k = g_k;
+//!                                                      crate::momentum::l1_momentum)
 //! z_{k+1} = clamp(clamp(z_k − α·sign(m_k), x_s − ε_d, x_s + ε_d), 0, 1)
 //! ```
 //!
@@ -22,11 +23,12 @@
 
 use eio_spec::config::DistillConfig;
 use eio_spec::{Path, Plan};
-use ndarray::{Array4, Axis};
+use ndarray::Array4;
 use rand::Rng;
 
 use crate::loss::mse_loss;
 use crate::model::{backward, forward};
+use crate::momentum::l1_momentum;
 use crate::state::ModelState;
 
 /// Gradient entries with |g| below this count as sign ties (sign(0) = 0 in PyTorch, and an
@@ -77,7 +79,7 @@ pub fn eq2_distill<R: Rng + ?Sized>(
     } else {
         x_s.clone()
     };
-    let mut momentum = Array4::<f64>::zeros(x_s.raw_dim());
+    let mut momentum: Option<Array4<f64>> = None;
     let mut losses = Vec::with_capacity(config.steps);
     let mut sign_ties = 0;
     for _ in 0..config.steps {
@@ -91,13 +93,9 @@ pub fn eq2_distill<R: Rng + ?Sized>(
             .input
             .expect("the pass starts at the input");
         let direction = if config.momentum {
-            let mut normalised = grad;
-            for mut sample in normalised.axis_iter_mut(Axis(0)) {
-                let l1: f64 = sample.iter().map(|g| g.abs()).sum();
-                sample.mapv_inplace(|g| g / l1.max(1e-12));
-            }
-            momentum = momentum * config.momentum_decay + normalised;
-            momentum.clone()
+            let m = l1_momentum(momentum.as_ref(), &grad, config.momentum_decay);
+            momentum = Some(m.clone());
+            m
         } else {
             grad
         };

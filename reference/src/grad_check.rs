@@ -37,8 +37,17 @@
 //! it to a scalar with fixed random weights `w` of the output's shape:
 //! `f(x) = sum(w * g(x))` (see [`weighted_sum`]); the analytic gradient of
 //! `f` is then the backward pass applied to the upstream gradient `w`.
+//!
+//! A gradient that is not the derivative of the network itself, SGM's (Wu et al. 2020,
+//! `model::backward_with`), is the derivative of a rescaled network, the "scaled graph"
+//! [`sgm_scaled_logits`], whose finite differences check it.
 
-use ndarray::{Array, Dimension, Zip};
+use eio_spec::plan::{NodeId, Plan};
+use eio_spec::Path;
+use ndarray::{Array, Array2, Array4, ArrayD, Dimension, Zip};
+
+use crate::model::{forward_node, to2, Trace};
+use crate::state::ModelState;
 
 /// The default finite-difference step `h`.
 pub const DEFAULT_STEP: f64 = 1e-6;
@@ -193,6 +202,80 @@ where
         worst_flat_index,
         analytic: analytic.clone(),
         numeric,
+    }
+}
+
+/// One residual add of SGM's scaled graph ([`sgm_scaled_logits`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScaledAdd {
+    /// The [`Op::Add`](eio_spec::plan::Op::Add) node.
+    pub add: NodeId,
+    /// f, the factor on the residual branch (`SkipGradient::branch_factor`).
+    pub branch: f64,
+    /// c, the factor on the whole block: 1/std(g) under SGM's normalisation, else 1.
+    pub block: f64,
+}
+
+/// SGM's "scaled graph" around the pass `at` (a trace of `plan`, `state` and `path` at an
+/// input x, in `at.mode`), evaluated at `x_prime`: the network's logits, except that every add
+/// of `adds` computes
+///
+/// ```text
+/// y = y₀ + c·(f·(r(x') − r₀) + (s(x') − s₀))
+/// ```
+///
+/// with r₀ = r(x), s₀ = s(x), y₀ = y(x) read from `at` (r the add's `inputs[0]`, the residual
+/// branch; s its `inputs[1]`, the skip path). At x' = x every add returns y₀, so G(x) is the
+/// network's output, and G's gradient at x is the plain one except that each listed add passes
+/// c·f·g into its branch and c·g into its skip: the SGM gradient of `model::backward_with`
+/// (Wu et al. 2020), which central finite differences of G then check.
+///
+/// # Panics
+/// If `at` is not a full pass of this plan, or `x_prime` does not fit it.
+pub fn sgm_scaled_logits(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    at: &Trace,
+    x_prime: &Array4<f64>,
+    adds: &[ScaledAdd],
+) -> Array2<f64> {
+    let end = plan.logits();
+    let mut outputs: Vec<ArrayD<f64>> = Vec::with_capacity(end + 1);
+    for id in 0..=end {
+        let out = sgm_scaled_node(plan, state, path, at, id, &outputs, x_prime, adds);
+        outputs.push(out);
+    }
+    to2(&outputs[end])
+}
+
+/// Node `id` of [`sgm_scaled_logits`]'s graph, given the outputs of the nodes before it
+/// (`outputs[k]`, k < `id`): the scaled add if `id` is in `adds`, else the plain node. A test
+/// can run the graph on from an inner node with this (to differentiate with respect to that
+/// node's output).
+///
+/// # Panics
+/// As [`sgm_scaled_logits`], or if `outputs` lacks an input of the node.
+#[allow(clippy::too_many_arguments)] // the scaled graph's arguments plus the node and its inputs
+pub fn sgm_scaled_node(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    at: &Trace,
+    id: NodeId,
+    outputs: &[ArrayD<f64>],
+    x_prime: &Array4<f64>,
+    adds: &[ScaledAdd],
+) -> ArrayD<f64> {
+    match adds.iter().find(|a| a.add == id) {
+        Some(scaled) => {
+            let node = &plan.nodes[id];
+            let (r, s) = (&outputs[node.inputs[0]], &outputs[node.inputs[1]]);
+            let (r0, s0) = (at.output(node.inputs[0]), at.output(node.inputs[1]));
+            let change = (r - r0) * scaled.branch + (s - s0);
+            at.output(id) + &(change * scaled.block)
+        }
+        None => forward_node(plan, state, path, id, outputs, x_prime, at.mode).0,
     }
 }
 

@@ -229,6 +229,56 @@ pub fn cw_loss(logits: &Array2<f64>, labels: &[usize], kappa: f64) -> LossAndGra
     }
 }
 
+/// DVERGE's variant of the C&W loss (`cw-dverge`, rivals.md): the true class is masked to 0
+/// rather than removed, so the "best wrong logit" is max(0, max_{k≠y} z_k):
+///
+/// ```text
+/// v[n, k] = z[n, k] for k != y_n,   v[n, y_n] = 0
+/// o_n     = the first index attaining max_k v[n, k]
+/// m_n     = z[n, y_n] - v[n, o_n] + kappa
+/// L       = (1/N) sum_n -relu(m_n)
+/// dL/dz[n, y_n] = -[m_n > 0] / N,   dL/dz[n, o_n] += [m_n > 0] / N only if o_n != y_n
+/// ```
+///
+/// On an ensemble's log-probabilities (all <= 0) v's maximum is the masked 0, so the gradient
+/// only lowers z_y and the margin vanishes once z_y <= -kappa: a weaker attack than [`cw_loss`].
+///
+/// # Panics
+/// As [`cw_loss`].
+pub fn cw_dverge_loss(logits: &Array2<f64>, labels: &[usize], kappa: f64) -> LossAndGrad<Ix2> {
+    check_labels("cw_dverge_loss", logits, labels);
+    let (batch, classes) = logits.dim();
+    assert!(
+        classes >= 2,
+        "cw_dverge_loss: needs at least 2 classes, got {classes}"
+    );
+    let n_f = batch as f64;
+    let mut value = 0.0;
+    let mut grad = Array2::<f64>::zeros((batch, classes));
+    for n in 0..batch {
+        let y = labels[n];
+        let masked = |k: usize| if k == y { 0.0 } else { logits[[n, k]] };
+        let mut o = 0;
+        for k in 1..classes {
+            if masked(k) > masked(o) {
+                o = k;
+            }
+        }
+        let margin = logits[[n, y]] - masked(o) + kappa;
+        if margin > 0.0 {
+            value -= margin;
+            grad[[n, y]] -= 1.0 / n_f;
+            if o != y {
+                grad[[n, o]] += 1.0 / n_f;
+            }
+        }
+    }
+    LossAndGrad {
+        value: value / n_f,
+        grad,
+    }
+}
+
 /// Mean squared error over all elements (PyTorch `F.mse_loss(x, t)`, default
 /// `reduction='mean'`), for tensors of any rank with `E` elements:
 ///

@@ -8,11 +8,14 @@
 //! would run the passes. [`backward`] takes gradients seeded at any nodes (the logits for a
 //! loss, a distillation layer for Eq. 2) and walks the plan in reverse. Gradients of tensors
 //! used by several nodes (a shared conv seen by several candidates across passes) add up.
+//! [`backward_with`] is the same walk with SGM's rescaling at the residual adds (the transfer
+//! attacks of the black-box suite).
 
 use std::collections::BTreeMap;
 
+use eio_spec::attack::SkipGradient;
 use eio_spec::config::BnMode;
-use eio_spec::plan::{NodeId, Op, Plan};
+use eio_spec::plan::{NodeId, Op, Plan, ResidualBlock};
 use eio_spec::Path;
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, Ix4, IxDyn};
 
@@ -171,72 +174,9 @@ pub fn forward(
 ) -> Trace {
     let mut outputs: Vec<ArrayD<f64>> = Vec::with_capacity(end + 1);
     let mut running = Vec::new();
-    for node in &plan.nodes[..=end] {
-        let x = |k: usize| &outputs[node.inputs[k]];
-        let out: ArrayD<f64> = match &node.op {
-            Op::Input => input.clone().into_dyn(),
-            Op::Normalize { mean, std } => ops::normalize(
-                &to4(x(0)),
-                &to1(state.tensor(mean)),
-                &to1(state.tensor(std)),
-            )
-            .into_dyn(),
-            Op::Conv {
-                stride,
-                padding,
-                weight,
-                ..
-            } => ops::conv2d(
-                &to4(x(0)),
-                &to4(state.tensor(weight.select(path))),
-                *stride,
-                *padding,
-            )
-            .into_dyn(),
-            Op::BatchNorm { params, .. } => {
-                let names = params.select(path);
-                let result = ops::batch_norm2d(
-                    &to4(x(0)),
-                    &to1(state.tensor(&names.weight)),
-                    &to1(state.tensor(&names.bias)),
-                    &running_of(state, names),
-                    mode,
-                    ops::BN_EPS,
-                    ops::BN_MOMENTUM,
-                );
-                if mode == BnMode::Train {
-                    running.push(RunningUpdate {
-                        mean_name: names.running_mean.clone(),
-                        var_name: names.running_var.clone(),
-                        counter_name: names.num_batches_tracked.clone(),
-                        stats: result.running,
-                    });
-                }
-                result.output.into_dyn()
-            }
-            Op::Relu => ops::relu(x(0)),
-            Op::LeakyRelu { slope } => ops::leaky_relu(x(0), *slope),
-            Op::Add => ops::residual_add(x(0), x(1)),
-            Op::MaxPool2 => ops::max_pool2x2(&to4(x(0))).into_dyn(),
-            Op::GlobalAvgPool => ops::global_avg_pool(&to4(x(0))).into_dyn(),
-            Op::Flatten => {
-                let batch = x(0).shape()[0];
-                let features = node.shape.numel();
-                x(0).as_standard_layout()
-                    .into_owned()
-                    .into_shape_with_order(IxDyn(&[batch, features]))
-                    .expect("flatten keeps the element count")
-            }
-            Op::Linear { params, .. } => {
-                let names = params.select(path);
-                ops::linear(
-                    &to2(x(0)),
-                    &to2(state.tensor(&names.weight)),
-                    &to1(state.tensor(&names.bias)),
-                )
-                .into_dyn()
-            }
-        };
+    for id in 0..=end {
+        let (out, update) = forward_node(plan, state, path, id, &outputs, input, mode);
+        running.extend(update);
         outputs.push(out);
     }
     Trace {
@@ -245,6 +185,89 @@ pub fn forward(
         outputs,
         running,
     }
+}
+
+/// The output of node `id` along `path`, given the outputs of the nodes before it
+/// (`outputs[k]` for every k < `id`) and the input batch; in train mode a BatchNorm node also
+/// returns its new running statistics. [`forward`] is this in a loop; a test can run it with
+/// some adds replaced (SGM's scaled graph, `grad_check::sgm_scaled_logits`).
+///
+/// # Panics
+/// If `outputs` lacks an input of the node, or `path` or `input` do not fit the plan.
+pub fn forward_node(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    id: NodeId,
+    outputs: &[ArrayD<f64>],
+    input: &Array4<f64>,
+    mode: BnMode,
+) -> (ArrayD<f64>, Option<RunningUpdate>) {
+    let node = &plan.nodes[id];
+    let x = |k: usize| &outputs[node.inputs[k]];
+    let out: ArrayD<f64> = match &node.op {
+        Op::Input => input.clone().into_dyn(),
+        Op::Normalize { mean, std } => ops::normalize(
+            &to4(x(0)),
+            &to1(state.tensor(mean)),
+            &to1(state.tensor(std)),
+        )
+        .into_dyn(),
+        Op::Conv {
+            stride,
+            padding,
+            weight,
+            ..
+        } => ops::conv2d(
+            &to4(x(0)),
+            &to4(state.tensor(weight.select(path))),
+            *stride,
+            *padding,
+        )
+        .into_dyn(),
+        Op::BatchNorm { params, .. } => {
+            let names = params.select(path);
+            let result = ops::batch_norm2d(
+                &to4(x(0)),
+                &to1(state.tensor(&names.weight)),
+                &to1(state.tensor(&names.bias)),
+                &running_of(state, names),
+                mode,
+                ops::BN_EPS,
+                ops::BN_MOMENTUM,
+            );
+            let update = (mode == BnMode::Train).then(|| RunningUpdate {
+                mean_name: names.running_mean.clone(),
+                var_name: names.running_var.clone(),
+                counter_name: names.num_batches_tracked.clone(),
+                stats: result.running,
+            });
+            return (result.output.into_dyn(), update);
+        }
+        Op::Relu => ops::relu(x(0)),
+        Op::LeakyRelu { slope } => ops::leaky_relu(x(0), *slope),
+        Op::Add => ops::residual_add(x(0), x(1)),
+        Op::MaxPool2 => ops::max_pool2x2(&to4(x(0))).into_dyn(),
+        Op::GlobalAvgPool => ops::global_avg_pool(&to4(x(0))).into_dyn(),
+        Op::Flatten => {
+            let batch = x(0).shape()[0];
+            let features = node.shape.numel();
+            x(0).as_standard_layout()
+                .into_owned()
+                .into_shape_with_order(IxDyn(&[batch, features]))
+                .expect("flatten keeps the element count")
+        }
+        Op::Linear { params, .. } => {
+            let names = params.select(path);
+            ops::linear(
+                &to2(x(0)),
+                &to2(state.tensor(&names.weight)),
+                &to1(state.tensor(&names.bias)),
+            )
+            .into_dyn()
+        }
+    };
+    (out, None)
 }
 
 /// The logits along `path`, `[N, classes]`, and the trace of the pass.
@@ -270,6 +293,46 @@ pub fn backward(
     trace: &Trace,
     seeds: &[(NodeId, ArrayD<f64>)],
 ) -> Gradients {
+    backward_with(plan, state, trace, seeds, None)
+}
+
+/// [`backward`], with the skip-gradient method when `skip` is given: SGM (Wu et al. 2020,
+/// "Skip Connections Matter: On the Transferability of Adversarial Examples Generated with
+/// ResNets"), used by the black-box suite's SGM versions.
+///
+/// At each residual add y = r + s of [`Plan::residual_blocks`] (`inputs[0]` the residual
+/// branch r, `inputs[1]` the skip path s) with upstream gradient g = dL/dy:
+///
+/// ```text
+/// g   ← g / std(g)     with skip.normalise; std unbiased over all elements of the batch's
+///                      tensor (torch.std); left as is when std(g) is 0 or not finite
+/// dr  = f · g          f = skip.branch_factor(block): γ, or 1 for an excluded first block
+/// ds  = g
+/// ```
+///
+/// Every other node, and every node of a plan without residual blocks (VGG), back-propagates
+/// as in [`backward`]; the parameter gradients are those of the same rescaled flow. The
+/// result is the exact gradient of the "scaled graph" whose adds compute
+/// y₀ + c·(f·(r − r₀) + (s − s₀)) around the traced pass (c = 1/std(g), or 1), which
+/// `grad_check::sgm_scaled_logits` evaluates for the finite-difference tests.
+///
+/// # Panics
+/// As [`backward`].
+pub fn backward_with(
+    plan: &Plan,
+    state: &ModelState,
+    trace: &Trace,
+    seeds: &[(NodeId, ArrayD<f64>)],
+    skip: Option<&SkipGradient>,
+) -> Gradients {
+    let residual: BTreeMap<NodeId, ResidualBlock> = match skip {
+        Some(_) => plan
+            .residual_blocks()
+            .into_iter()
+            .map(|block| (block.add, block))
+            .collect(),
+        None => BTreeMap::new(),
+    };
     let last = trace.outputs.len() - 1;
     let mut node_grads: Vec<Option<ArrayD<f64>>> = vec![None; last + 1];
     let add = |slot: &mut Option<ArrayD<f64>>, g: ArrayD<f64>| match slot {
@@ -336,11 +399,19 @@ pub fn backward(
             }
             Op::Relu => to_input(0, ops::relu_backward(x(0), &g)),
             Op::LeakyRelu { slope } => to_input(0, ops::leaky_relu_backward(x(0), *slope, &g)),
-            Op::Add => {
-                let r = ops::residual_add_backward(&g);
-                to_input(0, r.lhs);
-                to_input(1, r.rhs);
-            }
+            Op::Add => match (skip, residual.get(&id)) {
+                (Some(sgm), Some(block)) => {
+                    let g = if sgm.normalise { divide_by_std(g) } else { g };
+                    let factor = sgm.branch_factor(block);
+                    to_input(0, g.mapv(|v| factor * v));
+                    to_input(1, g);
+                }
+                _ => {
+                    let r = ops::residual_add_backward(&g);
+                    to_input(0, r.lhs);
+                    to_input(1, r.rhs);
+                }
+            },
             Op::MaxPool2 => to_input(
                 0,
                 ops::max_pool2x2_backward(&to4(x(0)), &to4(&g)).into_dyn(),
@@ -365,4 +436,20 @@ pub fn backward(
         }
     }
     grads
+}
+
+/// g / std(g), std the unbiased standard deviation over all elements (`torch.std`: the sum of
+/// squared deviations from the mean over E − 1); g itself when that is 0 or not finite (a
+/// constant gradient, e.g. all zeros, or fewer than 2 elements), where torch would produce
+/// inf or NaN.
+fn divide_by_std(g: ArrayD<f64>) -> ArrayD<f64> {
+    let count = g.len() as f64;
+    let mean = g.iter().sum::<f64>() / count;
+    let squares: f64 = g.iter().map(|v| (v - mean) * (v - mean)).sum();
+    let std = (squares / (count - 1.0)).sqrt();
+    if std > 0.0 && std.is_finite() {
+        g.mapv(|v| v / std)
+    } else {
+        g
+    }
 }

@@ -227,6 +227,9 @@ proptest! {
             random_start: case.random_start,
             loss: case.loss,
             cw_kappa: 0.1,
+            momentum: None,
+            input_diversity: None,
+            skip_gradient: None,
         };
         let seeds = Seeds::new(case.seed);
         let adv = pgd(&target, &x, &labels, &settings, &mut seeds.stream(Stream::AttackStart, 0));
@@ -465,8 +468,8 @@ proptest! {
         let ensemble = Target::Ensemble(vec![Member { plan: &plan, state: &state, path: &case.path }]);
         let mut unused = tiny::rng(0);
         prop_assert_eq!(single.predict(&x, &mut unused), ensemble.predict(&x, &mut unused));
-        let (l1, g1) = single.loss_and_input_grad(&x, &labels, case.loss, 0.1, &mut unused);
-        let (l2, g2) = ensemble.loss_and_input_grad(&x, &labels, case.loss, 0.1, &mut unused);
+        let (l1, g1) = single.loss_and_input_grad(&x, &labels, case.loss, 0.1, None, &mut unused);
+        let (l2, g2) = ensemble.loss_and_input_grad(&x, &labels, case.loss, 0.1, None, &mut unused);
         prop_assert!((l1 - l2).abs() <= 1e-10, "losses {} and {}", l1, l2);
         let diff = tiny::max_abs_diff(&g1, &g2);
         prop_assert!(diff <= 1e-10, "input gradients differ by {:e}", diff);
@@ -477,6 +480,9 @@ proptest! {
             random_start: true,
             loss: case.loss,
             cw_kappa: 0.1,
+            momentum: None,
+            input_diversity: None,
+            skip_gradient: None,
         };
         let seeds = Seeds::new(case.seed);
         let a1 = pgd(&single, &x, &labels, &settings, &mut seeds.stream(Stream::AttackStart, 0));
@@ -794,7 +800,9 @@ proptest! {
                 match (policy, spec.role) {
                     (UnusedParams::Step, Role::Learnable) => {
                         let (lr, mu, wd) = (config.train.lr, config.train.momentum, config.train.weight_decay);
-                        let expected = before.tensor(&spec.name).mapv(|p| p - lr * (wd * p + mu * (wd * p)));
+                        // First step: the buffer is the decay gradient g = wd·p; Nesterov steps by g + μ·g.
+                        let nesterov = if config.train.nesterov { mu } else { 0.0 };
+                        let expected = before.tensor(&spec.name).mapv(|p| p - lr * (wd * p + nesterov * (wd * p)));
                         let diff = tiny::max_abs_diff(state.tensor(&spec.name), &expected);
                         prop_assert!(moved, "step: {} did not change", spec.name);
                         prop_assert!(diff == 0.0, "step: {} is off the decay step by {:e}", spec.name, diff);

@@ -3,6 +3,11 @@
 //! The defaults ([`Config::default`]) are the paper's text (`configs/paper.toml` spells them
 //! out). Where the authors' public code departs from the text (protocols.md), the departure is
 //! a field here and `configs/official.toml` selects it; `spec/SPEC.md` lists each one.
+//! Where the paper is silent, the default is what it inherits (DVERGE's code for the
+//! distillation and evaluation, the authors' code for E_w and the data split) and the field's
+//! doc says so. Every field of every preset has a row (value and source) in `spec/SPEC.md`,
+//! section "Presets and their sources"; `spec/tests/preset_sources.rs` parses those tables and
+//! fails when a preset drifts from them or a field has no row.
 //!
 //! Reading: [`Config::from_toml`] and [`Config::load`] reject unknown fields and report the
 //! file, line and column of a syntax or type error; [`Config::validate`] then reports every
@@ -38,6 +43,8 @@ pub struct Config {
     pub distill: DistillConfig,
     pub eval: EvalConfig,
     pub derive: DeriveConfig,
+    pub blackbox: BlackboxConfig,
+    pub run: RunConfig,
 }
 
 /// Network families.
@@ -162,7 +169,11 @@ pub struct DataConfig {
     pub dataset: Dataset,
     /// Files or folder; unset means the dataset's usual place. Default unset.
     pub path: Option<PathBuf>,
-    /// Training images held out for validation (seeded). Default 10,000.
+    /// Training images held out for validation (seeded). Default 0: train on every training
+    /// image, as the authors (`data_providers/cifar.py` trains on all 50,000 CIFAR-10 images and
+    /// "validates" on the test set) and DVERGE (`utils.py` `get_loaders`) do. With 0 the
+    /// per-epoch accuracy is measured on the test set and reported as test accuracy, never as
+    /// validation; a hold-out (e.g. 10,000) is for model selection without touching the test set.
     pub validation: usize,
     /// Random crop with zero padding and horizontal flip on training images. Default true.
     pub augment: bool,
@@ -179,7 +190,7 @@ impl Default for DataConfig {
         DataConfig {
             dataset: Dataset::Cifar10,
             path: None,
-            validation: 10_000,
+            validation: 0,
             augment: true,
             crop_padding: 4,
             train_limit: None,
@@ -244,7 +255,11 @@ pub struct TrainConfig {
     pub warmup_epochs: usize,
     /// SGD momentum. Default 0.9.
     pub momentum: f64,
-    /// Nesterov momentum. Default true.
+    /// Nesterov momentum for pre-training and the main phase. Default false: the paper (Sec.
+    /// 4.1) says "SGD with momentum 0.9" and DVERGE (`utils.py` `get_optimizers`) uses plain
+    /// momentum; only the authors' EIO code uses Nesterov (`run_manager.py`
+    /// `RunConfig.build_optimizer`, `nesterov` default True). Fine-tuning has its own
+    /// `derive.nesterov`.
     pub nesterov: bool,
     /// Coupled weight decay on every parameter. Default 1e-4.
     pub weight_decay: f64,
@@ -265,7 +280,7 @@ impl Default for TrainConfig {
             lr_gamma: 0.1,
             warmup_epochs: 0,
             momentum: 0.9,
-            nesterov: true,
+            nesterov: false,
             weight_decay: 1e-4,
             ensemble_size: 1,
             adv: TrainPgdConfig::default(),
@@ -317,6 +332,20 @@ pub enum UnusedParams {
     Skip,
 }
 
+/// The learning rate of EIO's clean pre-training (Algorithm 1 lines 1-7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PretrainSchedule {
+    /// `train`'s schedule (`train.lr`, `train.milestones`, `train.lr_gamma`,
+    /// `train.warmup_epochs`) counted from pre-training epoch 0, then restarted from epoch 0 for
+    /// the main phase. The paper pre-trains "based on standard training settings" (Sec. 3.3),
+    /// and the authors' warm-up runs the step schedule (`rgn_manager.py` `warm_up` calls
+    /// `adjust_learning_rate`: lr 0.1, x0.1 at epochs 100 and 150).
+    Step,
+    /// `train.lr` in every pre-training epoch.
+    Constant,
+}
+
 /// Algorithm 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -325,8 +354,20 @@ pub struct EioConfig {
     pub p: usize,
     /// What to do when n^d(l) < p. Default `clip` (the paper is silent; `error` refuses).
     pub infeasible: Infeasible,
-    /// Clean pre-training epochs E_w (Algorithm 1 lines 1-7). Default 0.
+    /// Clean pre-training epochs E_w (Algorithm 1 lines 1-7), one random path per batch.
+    /// Default 200: the paper requires E_w but gives no value; the authors' code
+    /// (`train.py --warmup --warmup_epochs 200`) ran 200, as the released checkpoint's
+    /// BatchNorm counters show (protocols.md).
     pub pretrain_epochs: usize,
+    /// Learning rate of pre-training. Default `step` (see [`PretrainSchedule`]).
+    pub pretrain_schedule: PretrainSchedule,
+    /// Draw the target images x_t of Eq. 2 with the training augmentation (`data.augment`:
+    /// random crop with `data.crop_padding`, horizontal flip), from their own seeded stream;
+    /// no effect when `data.augment` is false. Default true: the authors
+    /// (`run_manager.py` `distill_loader`) and DVERGE (`train/train_dverge.py`) pair two
+    /// iterators over the same augmented training loader. The x_t pass is independently
+    /// shuffled either way.
+    pub target_augment: bool,
     /// Default `per-batch`.
     pub layer_schedule: LayerSchedule,
     /// Default `sum` (Eq. 4); the authors divide by p.
@@ -342,7 +383,9 @@ impl Default for EioConfig {
         EioConfig {
             p: 3,
             infeasible: Infeasible::Clip,
-            pretrain_epochs: 0,
+            pretrain_epochs: 200,
+            pretrain_schedule: PretrainSchedule::Step,
+            target_augment: true,
             layer_schedule: LayerSchedule::PerBatch,
             loss_scale: LossScale::Sum,
             unused_params: UnusedParams::Step,
@@ -417,8 +460,30 @@ impl DistillConfig {
 pub enum AttackLoss {
     /// Cross-entropy.
     Ce,
-    /// C&W margin -relu(z_y - max_{k≠y} z_k + kappa).
+    /// C&W margin -relu(z_y - max_{k≠y} z_k + kappa), the correct margin (default C&W).
     Cw,
+    /// DVERGE's C&W (`cw-dverge`): the true class masked to 0 instead of -inf, so the "best
+    /// wrong logit" is max(0, max_{k≠y} z_k); on an ensemble's log-probabilities (all <= 0) it
+    /// is always 0 and the attack stalls once p_y > e^-kappa (rivals.md). For reproduction.
+    CwDverge,
+}
+
+impl AttackLoss {
+    /// The name used in configs and on the command line: `ce`, `cw`, `cw-dverge`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttackLoss::Ce => "ce",
+            AttackLoss::Cw => "cw",
+            AttackLoss::CwDverge => "cw-dverge",
+        }
+    }
+
+    /// The loss of `name` (`ce`, `cw`, `cw-dverge`).
+    pub fn from_name(name: &str) -> Option<AttackLoss> {
+        [AttackLoss::Ce, AttackLoss::Cw, AttackLoss::CwDverge]
+            .into_iter()
+            .find(|l| l.name() == name)
+    }
 }
 
 /// The all-or-nothing white-box evaluation (paper Sec. 4.1).
@@ -464,6 +529,122 @@ impl Default for EvalConfig {
     }
 }
 
+/// What `eio run` trains and reports beside the EIO network (the paper's Table 1 rows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Sizes of the baseline ensembles reported (Table 1: 3, 5, 8). One ensemble of the largest
+    /// size is trained with `seed`; the ensemble of size m is its first m members, as DVERGE's
+    /// baselines created one after another from one seeded stream are. Default [3, 5, 8].
+    pub baselines: Vec<usize>,
+    /// Black-box radius of the Table 1 column. Default 0.03.
+    pub table_black_eps: f64,
+    /// White-box radius of the Table 1 column. Default 0.01.
+    pub table_white_eps: f64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            baselines: vec![3, 5, 8],
+            table_black_eps: 0.03,
+            table_white_eps: 0.01,
+        }
+    }
+}
+
+/// The attacks of the black-box transfer suite (DVERGE's protocol, rivals.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SuiteAttack {
+    /// Momentum PGD (MI-FGSM with projection), `blackbox.mpgd_starts` random starts.
+    Mpgd,
+    /// M-DI²-FGSM: momentum plus input diversity.
+    Mdi2,
+    /// SGM: the skip-gradient method on ResNet surrogates.
+    Sgm,
+}
+
+/// The black-box transfer suite (paper Sec. 4.1, DVERGE's protocol): for each surrogate
+/// ensemble, each attack version and each loss, one adversarial version of every evaluation
+/// image per ε; an image is robust only if the evaluated model classifies all of them
+/// correctly. The defaults give DVERGE's 3 surrogates x 5 attack versions x 2 losses = 30
+/// versions, 100 steps of ε/5, ε 0.01..0.07, 1,000 test images. Fields the paper and DVERGE
+/// leave open are named defaults here, each documented (rivals.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlackboxConfig {
+    /// Test images in the suite (the fixed seeded subset, as `eval.images`). Default 1000.
+    pub images: usize,
+    /// Radii. Default 0.01, 0.02, …, 0.07.
+    pub eps: Vec<f64>,
+    /// Attack steps. Default 100.
+    pub steps: usize,
+    /// Step size as a fraction of eps. Default 0.2 (eps / 5).
+    pub step_fraction: f64,
+    /// Default ["ce", "cw"] (DVERGE's `xent` and `cw`; `cw-dverge` reproduces its masked margin).
+    pub losses: Vec<AttackLoss>,
+    /// C&W confidence kappa. Default 0.1.
+    pub cw_kappa: f64,
+    /// Default ["mpgd", "mdi2", "sgm"].
+    pub attacks: Vec<SuiteAttack>,
+    /// Random starts of momentum PGD, each its own version. Default 3.
+    pub mpgd_starts: usize,
+    /// Momentum decay mu of `mpgd` and `mdi2`. Default 1.0 (Dong et al., advertorch,
+    /// torchattacks).
+    pub momentum_decay: f64,
+    /// Input-diversity probability of `mdi2`. Default 0.5.
+    pub di_probability: f64,
+    /// Smallest resize of `mdi2` as a fraction of the side. Default 0.9 (sizes 28..=31 at 32).
+    pub di_resize_rate: f64,
+    /// Default `bilinear` (torchattacks, align_corners = false).
+    pub di_interpolation: crate::attack::Interpolation,
+    /// Random start for `mdi2`. Default false (Xie et al. start at x).
+    pub di_random_start: bool,
+    /// Gradient factor of `sgm` on residual branches. Default 0.2.
+    pub sgm_gamma: f64,
+    /// SGM's per-block gradient normalisation. Default false.
+    pub sgm_normalise: bool,
+    /// Keep gamma = 1 in the first block of each stage (SGM's code). Default false.
+    pub sgm_exclude_stage_first: bool,
+    /// Random start for `sgm`. Default false (Wu et al. start at x).
+    pub sgm_random_start: bool,
+    /// Members of each surrogate baseline ensemble. Default [3, 5, 8].
+    pub surrogate_sizes: Vec<usize>,
+    /// The seed each surrogate ensemble is trained with, disjoint from every evaluated
+    /// model's. Default [1003, 1005, 1008].
+    pub surrogate_seeds: Vec<u64>,
+    /// Images per attack batch. Default 500.
+    pub batch_size: usize,
+}
+
+impl Default for BlackboxConfig {
+    fn default() -> Self {
+        BlackboxConfig {
+            images: 1000,
+            eps: vec![0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07],
+            steps: 100,
+            step_fraction: 0.2,
+            losses: vec![AttackLoss::Ce, AttackLoss::Cw],
+            cw_kappa: 0.1,
+            attacks: vec![SuiteAttack::Mpgd, SuiteAttack::Mdi2, SuiteAttack::Sgm],
+            mpgd_starts: 3,
+            momentum_decay: 1.0,
+            di_probability: 0.5,
+            di_resize_rate: 0.9,
+            di_interpolation: crate::attack::Interpolation::Bilinear,
+            di_random_start: false,
+            sgm_gamma: 0.2,
+            sgm_normalise: false,
+            sgm_exclude_stage_first: false,
+            sgm_random_start: false,
+            surrogate_sizes: vec![3, 5, 8],
+            surrogate_seeds: vec![1003, 1005, 1008],
+            batch_size: 500,
+        }
+    }
+}
+
 /// Deriving and fine-tuning a single path (paper Sec. 3.4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -477,6 +658,11 @@ pub struct DeriveConfig {
     pub milestones: Vec<usize>,
     /// Fold each conv+BN pair for deployment. Default true.
     pub fold_bn: bool,
+    /// Nesterov momentum while fine-tuning (momentum and weight decay are `train`'s). Default
+    /// false: the paper's fine-tuning is "SGD with learning rate 0.001, momentum 0.9 and weight
+    /// decay 0.0001" (Sec. 4.1) and the authors' `finetune.py` builds `torch.optim.SGD`
+    /// without Nesterov.
+    pub nesterov: bool,
 }
 
 impl Default for DeriveConfig {
@@ -486,6 +672,7 @@ impl Default for DeriveConfig {
             lr: 0.001,
             milestones: vec![20, 30],
             fold_bn: true,
+            nesterov: false,
         }
     }
 }
@@ -544,26 +731,31 @@ pub enum ConfigError {
     Invalid { origin: String, errors: FieldErrors },
 }
 
-/// The named presets in `configs/`.
+/// The named presets in `configs/`; `spec/SPEC.md` ("Presets and their sources") gives the
+/// source of each value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Preset {
-    /// The paper's text.
+    /// The paper's text (ResNet-20 on CIFAR-10, Sec. 3-4); equal to [`Config::default`].
     Paper,
-    /// The authors' public code.
+    /// The authors' public code (cai-y13/Ensemble-in-One) and released checkpoint.
     Official,
-    /// The authors' setup with DVERGE's distillation.
+    /// The authors' setup with DVERGE's distillation (momentum, no random start, train-mode
+    /// BN, features before ReLU).
     Dverge,
     /// A small CPU demo on Fashion-MNIST.
     Quick,
+    /// The paper's setting for VGG-16 (Sec. 4.1, Fig. 4: eps_d = 0.03).
+    Vgg16,
 }
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 4] = [
+    pub const ALL: [Preset; 5] = [
         Preset::Paper,
         Preset::Official,
         Preset::Dverge,
         Preset::Quick,
+        Preset::Vgg16,
     ];
 
     /// Its name, which is also its file stem in `configs/`.
@@ -573,6 +765,7 @@ impl Preset {
             Preset::Official => "official",
             Preset::Dverge => "dverge",
             Preset::Quick => "quick",
+            Preset::Vgg16 => "vgg16",
         }
     }
 
@@ -588,6 +781,7 @@ impl Preset {
             Preset::Official => include_str!("../../configs/official.toml"),
             Preset::Dverge => include_str!("../../configs/dverge.toml"),
             Preset::Quick => include_str!("../../configs/quick.toml"),
+            Preset::Vgg16 => include_str!("../../configs/vgg16.toml"),
         }
     }
 
@@ -808,8 +1002,92 @@ impl Config {
         v.at_least("eval.eot_samples", ev.eot_samples, 1);
         v.at_least("eval.batch_size", ev.batch_size, 1);
 
+        let bb = &self.blackbox;
+        v.at_least("blackbox.images", bb.images, 1);
+        if bb.eps.is_empty() {
+            v.fail("blackbox.eps", "[]", "must list at least one radius");
+        }
+        for (i, &eps) in bb.eps.iter().enumerate() {
+            v.closed("blackbox.eps", i, eps);
+        }
+        v.at_least("blackbox.steps", bb.steps, 1);
+        v.open_closed("blackbox.step_fraction", bb.step_fraction, 0.0, 1.0);
+        if bb.losses.is_empty() {
+            v.fail(
+                "blackbox.losses",
+                "[]",
+                "must list at least one of \"ce\", \"cw\", \"cw-dverge\"",
+            );
+        }
+        v.closed_open("blackbox.cw_kappa", bb.cw_kappa, 0.0, f64::INFINITY);
+        if bb.attacks.is_empty() {
+            v.fail(
+                "blackbox.attacks",
+                "[]",
+                "must list at least one of \"mpgd\", \"mdi2\", \"sgm\"",
+            );
+        }
+        v.at_least("blackbox.mpgd_starts", bb.mpgd_starts, 1);
+        v.closed_open(
+            "blackbox.momentum_decay",
+            bb.momentum_decay,
+            0.0,
+            f64::INFINITY,
+        );
+        if !(0.0..=1.0).contains(&bb.di_probability) {
+            v.fail(
+                "blackbox.di_probability",
+                bb.di_probability,
+                "is outside [0, 1]",
+            );
+        }
+        v.open_closed("blackbox.di_resize_rate", bb.di_resize_rate, 0.0, 1.0);
+        v.open_closed("blackbox.sgm_gamma", bb.sgm_gamma, 0.0, 1.0);
+        if bb.surrogate_sizes.is_empty() {
+            v.fail(
+                "blackbox.surrogate_sizes",
+                "[]",
+                "must list at least one ensemble size",
+            );
+        }
+        for (i, &m) in bb.surrogate_sizes.iter().enumerate() {
+            v.at_least(&format!("blackbox.surrogate_sizes[{i}]"), m, 1);
+        }
+        if bb.surrogate_seeds.len() != bb.surrogate_sizes.len() {
+            v.fail(
+                "blackbox.surrogate_seeds",
+                format!("{:?}", bb.surrogate_seeds),
+                &format!(
+                    "must have one seed per surrogate ({} sizes)",
+                    bb.surrogate_sizes.len()
+                ),
+            );
+        }
+        v.at_least("blackbox.batch_size", bb.batch_size, 1);
+        if self.run.baselines.is_empty() {
+            v.fail(
+                "run.baselines",
+                "[]",
+                "must list at least one ensemble size",
+            );
+        }
+        for (i, &m) in self.run.baselines.iter().enumerate() {
+            v.at_least(&format!("run.baselines[{i}]"), m, 1);
+        }
+        for (field, eps) in [
+            ("run.table_black_eps", self.run.table_black_eps),
+            ("run.table_white_eps", self.run.table_white_eps),
+        ] {
+            if !(0.0..=1.0).contains(&eps) {
+                v.fail(field, eps, "is outside [0, 1]");
+            }
+        }
+
         let dr = &self.derive;
         v.positive("derive.lr", dr.lr);
+        if dr.nesterov && t.momentum == 0.0 {
+            v.fail("derive.nesterov", true, "needs train.momentum > 0");
+        }
         if dr.milestones.windows(2).any(|w| w[0] >= w[1]) {
             v.fail(
                 "derive.milestones",

@@ -14,15 +14,19 @@
 //! | [`schedule`] | the learning-rate schedule |
 //! | [`verdict`] | Sec. 4.1: all-or-nothing accuracy |
 //! | [`rng`] | every random choice, from one seed |
-//! | [`attack`] | Sec. 4.1: PGD settings, white-box versions and their seeds |
+//! | [`attack`] | Sec. 4.1: PGD settings (momentum, input diversity, SGM), white-box versions and their seeds |
+//! | [`blackbox`] | Sec. 4.1: the black-box transfer suite's versions, jobs, seeds and shards |
+//! | [`sanity`] | the checks every evaluation report carries |
 
 pub mod attack;
+pub mod blackbox;
 pub mod config;
 pub mod gates;
 pub mod plan;
 pub mod rng;
 pub mod sampler;
 pub mod sampler_check;
+pub mod sanity;
 pub mod schedule;
 pub mod verdict;
 

@@ -188,6 +188,19 @@ pub struct Layer {
     pub depth: usize,
 }
 
+/// One residual block of a ResNet: its add node y = r + s, where `inputs[0]` of that node is
+/// the residual (conv) branch r and `inputs[1]` the skip path s (identity or the 1x1
+/// downsampling conv+BN). SGM ([`crate::attack::SkipGradient`]) scales the gradient into r.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResidualBlock {
+    /// The [`Op::Add`] node.
+    pub add: NodeId,
+    /// DVERGE's module name, e.g. `layer2.0`.
+    pub module: String,
+    /// Whether it is the first block of its stage (`layer<S>.0`).
+    pub first_in_stage: bool,
+}
+
 /// Where on a distillation layer the feature is read (protocols.md: DVERGE reads before
 /// the ReLU, the authors' code after it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -366,6 +379,34 @@ impl Plan {
             deps.push(set);
         }
         deps
+    }
+}
+
+impl Plan {
+    /// The residual blocks, in forward order (none for VGG-16). Each is an [`Op::Add`] node whose
+    /// first input is the output of a gated conv+BN named `<module>.conv2`.
+    pub fn residual_blocks(&self) -> Vec<ResidualBlock> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| node.op == Op::Add)
+            .map(|(add, node)| {
+                let branch = node.inputs[0];
+                let module = self
+                    .gates
+                    .iter()
+                    .find(|g| g.nodes.contains(&branch))
+                    .and_then(|g| g.module.strip_suffix(".conv2"))
+                    .expect("a residual add reads its block's conv2+BN first")
+                    .to_string();
+                let first_in_stage = module.ends_with(".0");
+                ResidualBlock {
+                    add,
+                    module,
+                    first_in_stage,
+                }
+            })
+            .collect()
     }
 }
 

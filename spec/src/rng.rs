@@ -43,11 +43,14 @@ pub enum Stream {
     AttackStart,
     /// Pairing of target images x_t with source images x_s (index: epoch).
     TargetPairing,
+    /// Black-box transfer suite generation: random starts, input-diversity draws (index: job
+    /// and batch, `eio_spec::blackbox::job_stream_index`).
+    Blackbox,
 }
 
 impl Stream {
     /// Every stream, in id order.
-    pub const ALL: [Stream; 11] = [
+    pub const ALL: [Stream; 12] = [
         Stream::Init,
         Stream::DataOrder,
         Stream::Augmentation,
@@ -59,6 +62,7 @@ impl Stream {
         Stream::DistillStart,
         Stream::AttackStart,
         Stream::TargetPairing,
+        Stream::Blackbox,
     ];
 
     /// The ChaCha stream number of this purpose (stable across releases).
@@ -75,6 +79,7 @@ impl Stream {
             Stream::DistillStart => 9,
             Stream::AttackStart => 10,
             Stream::TargetPairing => 11,
+            Stream::Blackbox => 12,
         }
     }
 }
@@ -151,7 +156,7 @@ mod tests {
     #[test]
     fn stream_ids_are_unique_and_stable() {
         let ids: Vec<u64> = Stream::ALL.iter().map(|s| s.id()).collect();
-        assert_eq!(ids, (1..=11).collect::<Vec<u64>>());
+        assert_eq!(ids, (1..=12).collect::<Vec<u64>>());
     }
 
     #[test]

@@ -1,13 +1,68 @@
 //! Config reading: defaults are the paper, presets differ where protocols.md says, errors
-//! name the file and line, overrides apply.
+//! name the file and line, overrides apply. Each preset value against its documented source is
+//! `tests/preset_sources.rs`.
 
-use eio_spec::config::{BnMode, Dataset, LossScale, Sharing, UnusedParams};
+use eio_spec::config::{
+    Arch, BnMode, Dataset, LossScale, PretrainSchedule, Sharing, UnusedParams, VggGating,
+};
 use eio_spec::plan::FeatureSite;
 use eio_spec::{Config, Preset};
 
+/// A separate check from the source tables: `Config::default` is the paper's preset, so a
+/// config file that omits a field gets the paper's value.
 #[test]
 fn paper_preset_is_the_default() {
     assert_eq!(Preset::Paper.config().unwrap(), Config::default());
+}
+
+#[test]
+fn cifar_presets_train_as_the_authors_did() {
+    for preset in [
+        Preset::Paper,
+        Preset::Official,
+        Preset::Dverge,
+        Preset::Vgg16,
+    ] {
+        let c = preset.config().unwrap();
+        let name = preset.name();
+        assert_eq!(c.data.dataset, Dataset::Cifar10, "{name}");
+        assert_eq!(c.data.validation, 0, "{name}: all 50,000 training images");
+        assert_eq!(c.data.train_limit, None, "{name}");
+        assert_eq!(c.eio.pretrain_epochs, 200, "{name}: E_w = 200");
+        assert_eq!(c.eio.pretrain_schedule, PretrainSchedule::Step, "{name}");
+        assert!(
+            c.eio.target_augment && c.data.augment,
+            "{name}: augmented x_t"
+        );
+        assert_eq!(
+            (c.train.lr, c.train.milestones.clone(), c.train.lr_gamma),
+            (0.1, vec![100, 150], 0.1),
+            "{name}"
+        );
+        assert!(!c.derive.nesterov, "{name}: fine-tuning without Nesterov");
+    }
+}
+
+#[test]
+fn only_the_authors_code_uses_nesterov() {
+    assert!(!Preset::Paper.config().unwrap().train.nesterov);
+    assert!(!Preset::Vgg16.config().unwrap().train.nesterov);
+    assert!(Preset::Official.config().unwrap().train.nesterov);
+    assert!(Preset::Dverge.config().unwrap().train.nesterov);
+}
+
+#[test]
+fn vgg16_preset_is_the_paper_with_vgg16_and_eps_d_0_03() {
+    let mut paper = Preset::Paper.config().unwrap();
+    let vgg = Preset::Vgg16.config().unwrap();
+    assert_eq!(vgg.model.arch, Arch::Vgg16);
+    assert_eq!(vgg.distill.eps, 0.03);
+    paper.model.arch = Arch::Vgg16;
+    paper.model.vgg_gated = VggGating::ConvsAndClassifier;
+    paper.distill.eps = 0.03;
+    assert_eq!(paper, vgg);
+    let plan = vgg.plan().unwrap();
+    assert_eq!((plan.k(), plan.l()), (14, 14), "the paper's 14 RGBs");
 }
 
 #[test]
@@ -21,6 +76,7 @@ fn official_preset_selects_the_authors_code() {
     assert!(c.distill.first_layer_before_relu);
     assert_eq!(c.eio.loss_scale, LossScale::DivideByP);
     assert_eq!(c.eio.unused_params, UnusedParams::Skip);
+    assert!(c.train.nesterov);
 }
 
 #[test]

@@ -416,3 +416,31 @@ fn iteration_draws_respect_the_layer_depth_and_the_schedule() {
             == first)
     );
 }
+
+#[test]
+fn resnet20_has_nine_residual_blocks_three_first_in_stage() {
+    let plan = eio_spec::Plan::build(&eio_spec::config::ModelConfig::default()).unwrap();
+    let blocks = plan.residual_blocks();
+    let modules: Vec<&str> = blocks.iter().map(|b| b.module.as_str()).collect();
+    assert_eq!(
+        modules,
+        [
+            "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer3.0",
+            "layer3.1", "layer3.2"
+        ]
+    );
+    let first: Vec<bool> = blocks.iter().map(|b| b.first_in_stage).collect();
+    assert_eq!(
+        first,
+        [true, false, false, true, false, false, true, false, false]
+    );
+    for b in &blocks {
+        assert_eq!(plan.nodes[b.add].op, eio_spec::plan::Op::Add);
+    }
+    let vgg = eio_spec::Plan::build(&eio_spec::config::ModelConfig {
+        arch: eio_spec::config::Arch::Vgg16,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(vgg.residual_blocks().is_empty());
+}

@@ -76,7 +76,7 @@ const BAD_CONFIGS: &[&str] = &[
     "[train]\nmilestones = [150, 100]",
     "[train]\nlr_gamma = 0.0",
     "[train]\nmomentum = 1.0",
-    "[train]\nmomentum = 0.0",
+    "[train]\nmomentum = 0.0\nnesterov = true",
     "[train]\nweight_decay = -1e-4",
     "[train]\nensemble_size = 0",
     "[train.adv]\neps = 2.0",
@@ -99,6 +99,8 @@ const BAD_CONFIGS: &[&str] = &[
     "[model\nn = 2",
     // Later additions go last, so the numbers of the cases above stay put.
     "[data]\ntrain_limit = 0",
+    "[train]\nmomentum = 0.0\nnesterov = false\n[derive]\nnesterov = true",
+    "[eio]\npretrain_schedule = \"cosine\"",
 ];
 
 #[test]

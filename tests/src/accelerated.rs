@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
-use eio_accelerated::attack::{pgd, AttackSettings as AccSettings, Member, Target};
+use eio_accelerated::attack::{pgd_run, Member, Target};
 use eio_accelerated::distill::eq2_distill;
 use eio_accelerated::eio::{eq4_iteration, pretrain_iteration, EioBatch};
 use eio_accelerated::model::{backward, forward, logits};
@@ -15,6 +15,7 @@ use eio_accelerated::ops;
 use eio_accelerated::optim::{Adam, AdamConfig, Sgd, SgdConfig};
 use eio_accelerated::state::ModelState;
 use eio_reference::attack::AttackSettings;
+use eio_spec::attack::{DiversityDraw, Interpolation, SkipGradient};
 use eio_spec::config::{AttackLoss, BnMode, Config, DistillConfig, EvalConfig};
 use eio_spec::plan::{NodeId, Role};
 use eio_spec::rng::Seeds;
@@ -22,8 +23,8 @@ use eio_spec::{Path, Plan};
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::{
-    DistillRun, EioIteration, EioRun, Engine, Forward, Grads, Images, IterationReport, Objective,
-    Optimiser, Outcome, Skip, StepGrads, TargetSpec, Values, WhiteBox,
+    AttackRun, DistillRun, EioIteration, EioRun, Engine, Forward, Grads, Images, IterationReport,
+    Objective, Optimiser, Outcome, Skip, StepGrads, TargetSpec, Values, WhiteBox,
 };
 
 /// The accelerated engine on `device` in `dtype`.
@@ -145,17 +146,6 @@ fn values_of(s: &ModelState) -> Values {
             .map_err(|e| candle_core::Error::Msg(e.to_string())),
         "state to values",
     )
-}
-
-fn settings(s: &AttackSettings) -> AccSettings {
-    AccSettings {
-        eps: s.eps,
-        step_size: s.step_size,
-        steps: s.steps,
-        random_start: s.random_start,
-        loss: s.loss,
-        cw_kappa: s.cw_kappa,
-    }
 }
 
 impl Accelerated {
@@ -471,6 +461,7 @@ impl Engine for Accelerated {
         labels: &[usize],
         loss: AttackLoss,
         kappa: f64,
+        skip: Option<&SkipGradient>,
         mut rng: ChaCha8Rng,
     ) -> Outcome<(f64, Vec<f64>)> {
         let states = self.target_states(target);
@@ -481,6 +472,7 @@ impl Engine for Accelerated {
                 &self.labels(labels),
                 loss,
                 kappa,
+                skip,
                 &mut rng,
             ),
             "loss_and_input_grad",
@@ -506,20 +498,48 @@ impl Engine for Accelerated {
         labels: &[usize],
         settings: &AttackSettings,
         mut rng: ChaCha8Rng,
-    ) -> Outcome<Images> {
+    ) -> Outcome<AttackRun> {
         let states = self.target_states(target);
         let t = make_target(target, &states);
-        let adv = ok(
-            pgd(
+        // Both engines read the one `eio_spec::attack::AttackSettings`.
+        let run = ok(
+            pgd_run(
                 &t,
                 &self.tensor(images),
                 &self.labels(labels),
-                &self::settings(settings),
+                settings,
                 &mut rng,
             ),
-            "pgd",
+            "pgd_run",
         );
-        Ok(host_images(&adv))
+        Ok(AttackRun {
+            images: host_images(&run.images),
+            sign_ties: run.sign_ties,
+        })
+    }
+
+    fn input_diversity(
+        &self,
+        images: &Images,
+        draw: &DiversityDraw,
+        interpolation: Interpolation,
+    ) -> Outcome<Images> {
+        Ok(host_images(&ok(
+            ops::input_diversity(&self.tensor(images), draw, interpolation),
+            "input_diversity",
+        )))
+    }
+
+    fn input_diversity_backward(
+        &self,
+        grad: &Images,
+        draw: &DiversityDraw,
+        interpolation: Interpolation,
+    ) -> Outcome<Images> {
+        Ok(host_images(&ok(
+            ops::input_diversity_backward(&self.tensor(grad), draw, interpolation),
+            "input_diversity_backward",
+        )))
     }
 
     fn white_box(

@@ -7,6 +7,7 @@
 //! comparison is degenerate (BatchNorm gammas of exactly 1, running statistics of exactly 0/1,
 //! zero counters, zero biases).
 
+use eio_spec::attack::{InputDiversity, Interpolation, SkipGradient};
 use eio_spec::config::{
     Activation, Arch, AttackLoss, BnMode, Config, DistillConfig, EioConfig, LossScale, ModelConfig,
     Sharing, UnusedParams, VggGating,
@@ -474,6 +475,12 @@ pub struct AttackCase {
     pub steps: usize,
     pub random_start: bool,
     pub kappa: f64,
+    /// MI-FGSM's decay μ (`None`: the sign of the raw gradient).
+    pub momentum: Option<f64>,
+    /// DI²-FGSM's transform.
+    pub input_diversity: Option<InputDiversity>,
+    /// SGM's backward.
+    pub skip_gradient: Option<SkipGradient>,
 }
 
 impl AttackCase {
@@ -486,21 +493,29 @@ impl AttackCase {
             random_start: self.random_start,
             loss: self.loss,
             cw_kappa: self.kappa,
+            momentum: self.momentum,
+            input_diversity: self.input_diversity,
+            skip_gradient: self.skip_gradient,
         }
     }
 }
 
+/// The target kinds a PGD case can take.
+fn target_kind() -> impl Strategy<Value = TargetKind> {
+    prop_oneof![
+        Just(TargetKind::Path(BnMode::Eval)),
+        Just(TargetKind::Path(BnMode::Train)),
+        Just(TargetKind::Ensemble),
+        Just(TargetKind::Randomised),
+    ]
+}
+
 /// CE or C&W (κ 0, 0.1 as the paper, or 5 so that every margin is active) against a path
 /// (train or eval BN), an ensemble of 2 or the randomised RGN with EOT 2; eps 0.03 or 0.07,
-/// step eps/4, 1-4 steps, with or without random start.
+/// step eps/4, 1-4 steps, with or without random start; plain PGD.
 pub fn attack_case() -> impl Strategy<Value = AttackCase> {
     (
-        prop_oneof![
-            Just(TargetKind::Path(BnMode::Eval)),
-            Just(TargetKind::Path(BnMode::Train)),
-            Just(TargetKind::Ensemble),
-            Just(TargetKind::Randomised),
-        ],
+        target_kind(),
         prop_oneof![Just(AttackLoss::Ce), Just(AttackLoss::Cw)],
         prop_oneof![Just(0.03), Just(0.07)],
         1usize..=4,
@@ -516,6 +531,86 @@ pub fn attack_case() -> impl Strategy<Value = AttackCase> {
                 steps,
                 random_start,
                 kappa,
+                momentum: None,
+                input_diversity: None,
+                skip_gradient: None,
+            },
+        )
+}
+
+/// The transfer attacks of the black-box suite (issue 13), each a strategy of
+/// [`transfer_attack_case`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    /// MI-FGSM: momentum PGD.
+    Momentum,
+    /// M-DI²-FGSM: momentum and input diversity.
+    MomentumDiversity,
+    /// SGM, with or without momentum.
+    SkipGradient,
+}
+
+/// MI-FGSM's decay: 1 (Dong et al., the suite's default), 0.9 or 0.5.
+pub fn momentum_decay() -> impl Strategy<Value = f64> {
+    prop_oneof![Just(1.0), Just(0.9), Just(0.5)]
+}
+
+/// DI²-FGSM's transform: probability 0.5 (M-DI²-FGSM's) or 1, resize rate 0.9 (torchattacks;
+/// on the 8x8 cases only size 7 at offset 0) or 0.5 (sizes 4-7, offsets 0-3), either
+/// interpolation.
+pub fn input_diversity() -> impl Strategy<Value = InputDiversity> {
+    (
+        prop_oneof![Just(0.5), Just(1.0)],
+        prop_oneof![Just(0.9), Just(0.5)],
+        prop_oneof![Just(Interpolation::Bilinear), Just(Interpolation::Nearest)],
+    )
+        .prop_map(|(probability, resize_rate, interpolation)| InputDiversity {
+            probability,
+            resize_rate,
+            interpolation,
+        })
+}
+
+/// SGM: γ 0.2 (the suite's) or 0.5, with or without the per-block normalisation and the
+/// first-block exclusion.
+pub fn skip_gradient() -> impl Strategy<Value = SkipGradient> {
+    (
+        prop_oneof![Just(0.2), Just(0.5)],
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(gamma, normalise, exclude_stage_first)| SkipGradient {
+            gamma,
+            normalise,
+            exclude_stage_first,
+        })
+}
+
+/// An attack of kind `transfer` on top of [`attack_case`]'s settings, with any of the three
+/// losses (CE, C&W, DVERGE's C&W).
+pub fn transfer_attack_case(transfer: Transfer) -> impl Strategy<Value = AttackCase> {
+    (
+        attack_case(),
+        prop_oneof![
+            Just(AttackLoss::Ce),
+            Just(AttackLoss::Cw),
+            Just(AttackLoss::CwDverge)
+        ],
+        momentum_decay(),
+        input_diversity(),
+        skip_gradient(),
+        any::<bool>(),
+    )
+        .prop_map(
+            move |(case, loss, decay, diversity, skip, sgm_momentum)| AttackCase {
+                loss,
+                momentum: match transfer {
+                    Transfer::SkipGradient if !sgm_momentum => None,
+                    _ => Some(decay),
+                },
+                input_diversity: (transfer == Transfer::MomentumDiversity).then_some(diversity),
+                skip_gradient: (transfer == Transfer::SkipGradient).then_some(skip),
+                ..case
             },
         )
 }

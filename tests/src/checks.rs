@@ -11,8 +11,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::cases::{feature_nodes, feature_target, AttackCase, Fixture};
 use crate::engine::{
-    DistillRun, EioIteration, Engine, Grads, Images, Objective, Optimiser, Outcome, StepGrads,
-    TargetSpec, Values,
+    AttackRun, DistillRun, EioIteration, Engine, Grads, Images, Objective, Optimiser, Outcome,
+    StepGrads, TargetSpec, Values,
 };
 use crate::tolerance::{
     assert_close, assert_close_except, assert_close_scalar, assert_close_with_scale, scale_of,
@@ -271,6 +271,45 @@ fn distill_run(
     )
 }
 
+/// The sign-tie rule at a step that counted `ties` tied direction entries (on either engine):
+/// the images after the step may differ in at most `ties` elements, each by at most 2α (one
+/// sign step each way); anything else fails. Returns whether any element differed (then the
+/// trajectories may part from here, which is printed).
+#[track_caller]
+pub fn tie_step_parts(
+    what: &str,
+    expected: &[f64],
+    actual: &[f64],
+    ties: usize,
+    alpha: f64,
+    tol: Tolerance,
+) -> bool {
+    let scale = crate::tolerance::scale_of(expected);
+    let differing: Vec<usize> = (0..expected.len())
+        .filter(|&i| !tol.accepts(expected[i], actual[i], scale))
+        .collect();
+    assert!(
+        differing.len() <= ties,
+        "{what}: {} image elements differ but only {ties} sign ties were counted",
+        differing.len()
+    );
+    for &i in &differing {
+        let d = (expected[i] - actual[i]).abs();
+        assert!(
+            d <= 2.0 * alpha + tol.floor(scale) + tol.rel,
+            "{what}: element {i} differs by {d:e}, more than two sign steps (2α = {:e})",
+            2.0 * alpha
+        );
+    }
+    if !differing.is_empty() {
+        note(&format!(
+            "note: {what}: {} of {ties} tied elements stepped differently; trajectories may part from here",
+            differing.len()
+        ));
+    }
+    !differing.is_empty()
+}
+
 /// A whole Eq. 2 distillation, step by step.
 ///
 /// Without sign ties (|m| < 1e-12 counted by neither engine) the per-step losses, the final
@@ -352,28 +391,14 @@ pub fn check_distill(
             );
             continue;
         }
-        let scale = crate::tolerance::scale_of(&rk.images.data);
-        let differing: Vec<usize> = (0..rk.images.data.len())
-            .filter(|&i| !tol.accepts(rk.images.data[i], ck.images.data[i], scale))
-            .collect();
-        assert!(
-            differing.len() <= ties_here,
-            "{who}: Eq. 2 step {k}: {} image elements differ but only {ties_here} sign ties were counted",
-            differing.len()
-        );
-        for &i in &differing {
-            let d = (rk.images.data[i] - ck.images.data[i]).abs();
-            assert!(
-                d <= 2.0 * alpha + tol.floor(scale) + tol.rel,
-                "{who}: Eq. 2 step {k}: element {i} differs by {d:e}, more than two sign steps (2α = {:e})",
-                2.0 * alpha
-            );
-        }
-        if !differing.is_empty() {
-            note(&format!(
-                "note: {who}: Eq. 2 step {k}: {} of {ties_here} tied elements stepped differently; trajectories may part from here",
-                differing.len()
-            ));
+        if tie_step_parts(
+            &format!("{who}: Eq. 2 step {k}"),
+            &rk.images.data,
+            &ck.images.data,
+            ties_here,
+            alpha,
+            tol,
+        ) {
             summary.diverged_at = Some(k);
             return Ok(summary);
         }
@@ -524,8 +549,46 @@ pub fn pgd_start(case: &AttackCase, images: &Images, rng: &ChaCha8Rng) -> (Image
     )
 }
 
-/// A whole PGD run (f64): the adversarial images, then each engine's attack loss and
-/// predictions at its own result.
+/// What [`check_pgd`] saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttackSummary {
+    /// Sign ties counted by the reference and by the candidate.
+    pub ties: (usize, usize),
+    /// The step after which the trajectories were allowed to part because of a tie (1-based).
+    pub diverged_at: Option<usize>,
+}
+
+fn attack_run(
+    engine: &dyn Engine,
+    fx: &Fixture,
+    case: &AttackCase,
+    steps: usize,
+    rng: &ChaCha8Rng,
+) -> Outcome<AttackRun> {
+    let mut settings = case.settings();
+    settings.steps = steps;
+    engine.pgd(
+        &fx.target(case.target),
+        &fx.images,
+        &fx.labels,
+        &settings,
+        rng.clone(),
+    )
+}
+
+/// A whole attack run (f64; plain PGD, momentum, input diversity, SGM as `case` says): the
+/// adversarial images, then each engine's attack loss and input gradient (through SGM's
+/// backward when set; without the input-diversity transform) and predictions at its own
+/// result.
+///
+/// Sign ties (|direction| < 1e-12, counted by either engine) are always printed. When the
+/// final images agree under `tol` everything else is compared as without ties (most ties are
+/// exact zeros on both sides, e.g. a sample whose C&W margin is inactive). When they do not,
+/// and ties were counted, [`check_distill`]'s rule applies: the run is replayed with 1, 2, …
+/// steps; every step up to the first one that counted a tie must agree under `tol`; at that
+/// step at most as many image elements as ties were counted may differ, each by at most 2α
+/// ([`tie_step_parts`]), and from there on the trajectories may part (printed; the final
+/// loss, gradient and predictions are then not compared). Without a tie everything must agree.
 pub fn check_pgd(
     reference: &dyn Engine,
     candidate: &dyn Engine,
@@ -533,22 +596,81 @@ pub fn check_pgd(
     case: &AttackCase,
     rng: &ChaCha8Rng,
     tol: Tolerance,
-) -> Outcome<()> {
+) -> Outcome<AttackSummary> {
     let who = label(reference, candidate);
     let target = fx.target(case.target);
-    let settings = case.settings();
-    let r = reference.pgd(&target, &fx.images, &fx.labels, &settings, rng.clone())?;
-    let c = candidate.pgd(&target, &fx.images, &fx.labels, &settings, rng.clone())?;
+    let r = attack_run(reference, fx, case, case.steps, rng)?;
+    let c = attack_run(candidate, fx, case, case.steps, rng)?;
+    let mut summary = AttackSummary {
+        ties: (r.sign_ties, c.sign_ties),
+        diverged_at: None,
+    };
+    let agree = all_accepted(&r.images.data, &c.images.data, tol);
+    if summary.ties != (0, 0) {
+        note(&format!(
+            "note: {who}: PGD {case:?} counted sign ties (reference {}, candidate {}); {}",
+            r.sign_ties,
+            c.sign_ties,
+            if agree {
+                "the final images agree"
+            } else {
+                "the final images differ: comparing step by step"
+            }
+        ));
+    }
+    if !agree && summary.ties != (0, 0) {
+        let alpha = case.eps * case.step_fraction;
+        let (mut prev_r, mut prev_c) = (0, 0);
+        for k in 1..=case.steps {
+            let rk = attack_run(reference, fx, case, k, rng)?;
+            let ck = attack_run(candidate, fx, case, k, rng)?;
+            let ties_here = (rk.sign_ties - prev_r).max(ck.sign_ties - prev_c);
+            (prev_r, prev_c) = (rk.sign_ties, ck.sign_ties);
+            if ties_here == 0 {
+                assert_close(
+                    &format!("{who}: PGD {case:?}: images after step {k} (no tie counted)"),
+                    &rk.images.data,
+                    &ck.images.data,
+                    tol,
+                );
+            } else if tie_step_parts(
+                &format!("{who}: PGD {case:?}: step {k}"),
+                &rk.images.data,
+                &ck.images.data,
+                ties_here,
+                alpha,
+                tol,
+            ) {
+                summary.diverged_at = Some(k);
+                return Ok(summary);
+            }
+        }
+    }
     assert_close(
         &format!("{who}: PGD {case:?}: adversarial images"),
-        &r.data,
-        &c.data,
+        &r.images.data,
+        &c.images.data,
         tol,
     );
-    let (lr, gr) =
-        reference.attack_loss(&target, &r, &fx.labels, case.loss, case.kappa, rng.clone())?;
-    let (lc, gc) =
-        candidate.attack_loss(&target, &c, &fx.labels, case.loss, case.kappa, rng.clone())?;
+    let skip = case.skip_gradient.as_ref();
+    let (lr, gr) = reference.attack_loss(
+        &target,
+        &r.images,
+        &fx.labels,
+        case.loss,
+        case.kappa,
+        skip,
+        rng.clone(),
+    )?;
+    let (lc, gc) = candidate.attack_loss(
+        &target,
+        &c.images,
+        &fx.labels,
+        case.loss,
+        case.kappa,
+        skip,
+        rng.clone(),
+    )?;
     assert_close_scalar(&format!("{who}: PGD {case:?}: final loss"), lr, lc, tol);
     assert_close(
         &format!("{who}: PGD {case:?}: input gradient at the result"),
@@ -556,10 +678,10 @@ pub fn check_pgd(
         &gc,
         tol,
     );
-    let pr = reference.predict(&target, &r, rng.clone())?;
-    let pc = candidate.predict(&target, &c, rng.clone())?;
+    let pr = reference.predict(&target, &r.images, rng.clone())?;
+    let pc = candidate.predict(&target, &c.images, rng.clone())?;
     assert_eq!(pr, pc, "{who}: PGD {case:?}: predictions at the result");
-    Ok(())
+    Ok(summary)
 }
 
 /// The white-box all-or-nothing evaluation: clean accuracy, and per ε the robust flags, robust
@@ -608,11 +730,13 @@ pub struct SignAttackSummary {
     pub prediction_flips: usize,
 }
 
-/// An f32 engine's multi-step sign attack against the f64 reference.
+/// An f32 engine's multi-step sign attack (plain PGD, momentum, input diversity, SGM, as
+/// `case` says) against the f64 reference.
 ///
-/// * First step, exactly: the images after one PGD step agree to [`F32_PIXEL`] at every
-///   element whose reference gradient at the start is resolved by f32
-///   (|g| >= [`F32_SIGN_RESOLVED`] · max|g|); the others are skipped and counted.
+/// * First step, exactly: the images after one step agree to [`F32_PIXEL`] at every
+///   element whose reference direction at the start is resolved by f32
+///   (|g| >= [`F32_SIGN_RESOLVED`] · max|g|, g the gradient through SGM's backward and the
+///   first step's input-diversity draw); the others are skipped and counted.
 /// * Whole run, within a bound: each engine's attack loss at its own final images agrees to
 ///   `loss_bound` (absolute), and at most `max_flips` images are classified differently.
 #[allow(clippy::too_many_arguments)]
@@ -627,41 +751,77 @@ pub fn check_sign_attack_f32(
 ) -> Outcome<SignAttackSummary> {
     let who = label(reference, candidate);
     let target = fx.target(case.target);
-    // First step.
-    let (start, after_start) = pgd_start(case, &fx.images, rng);
+    let skip = case.skip_gradient.as_ref();
+    // First step: the reference's direction at the start, through the first step's
+    // input-diversity draw when there is one (the momentum of a first step is the gradient
+    // divided by a positive per-sample norm: the same signs).
+    let (start, mut after_start) = pgd_start(case, &fx.images, rng);
+    let side = fx.images.dims[3];
+    let diversity = case.input_diversity.and_then(|di| {
+        di.draw(side, &mut after_start)
+            .map(|d| (d, di.interpolation))
+    });
+    let at = match &diversity {
+        Some((draw, interpolation)) => reference.input_diversity(&start, draw, *interpolation)?,
+        None => start.clone(),
+    };
     let (_, g) = reference.attack_loss(
         &target,
-        &start,
+        &at,
         &fx.labels,
         case.loss,
         case.kappa,
+        skip,
         after_start,
     )?;
+    let g = match &diversity {
+        Some((draw, interpolation)) => {
+            let grad = Images {
+                dims: start.dims,
+                data: g,
+            };
+            reference
+                .input_diversity_backward(&grad, draw, *interpolation)?
+                .data
+        }
+        None => g,
+    };
     let max_g = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let skip: Vec<bool> = g
+    let skip_pixels: Vec<bool> = g
         .iter()
         .map(|v| v.abs() < F32_SIGN_RESOLVED * max_g || max_g == 0.0)
         .collect();
-    let mut one = case.settings();
-    one.steps = 1;
-    let r1 = reference.pgd(&target, &fx.images, &fx.labels, &one, rng.clone())?;
-    let c1 = candidate.pgd(&target, &fx.images, &fx.labels, &one, rng.clone())?;
+    let r1 = attack_run(reference, fx, case, 1, rng)?;
+    let c1 = attack_run(candidate, fx, case, 1, rng)?;
     let closeness = assert_close_except(
         &format!("{who}: first PGD step {case:?} (f32-resolved gradient signs)"),
-        &r1.data,
-        &c1.data,
+        &r1.images.data,
+        &c1.images.data,
         F32_PIXEL,
-        Some(&skip),
+        Some(&skip_pixels),
     );
-    let skipped = skip.iter().filter(|&&s| s).count();
+    let skipped = skip_pixels.iter().filter(|&&s| s).count();
     // Whole run.
-    let settings = case.settings();
-    let r = reference.pgd(&target, &fx.images, &fx.labels, &settings, rng.clone())?;
-    let c = candidate.pgd(&target, &fx.images, &fx.labels, &settings, rng.clone())?;
-    let (lr, _) =
-        reference.attack_loss(&target, &r, &fx.labels, case.loss, case.kappa, rng.clone())?;
-    let (lc, _) =
-        candidate.attack_loss(&target, &c, &fx.labels, case.loss, case.kappa, rng.clone())?;
+    let r = attack_run(reference, fx, case, case.steps, rng)?.images;
+    let c = attack_run(candidate, fx, case, case.steps, rng)?.images;
+    let (lr, _) = reference.attack_loss(
+        &target,
+        &r,
+        &fx.labels,
+        case.loss,
+        case.kappa,
+        skip,
+        rng.clone(),
+    )?;
+    let (lc, _) = candidate.attack_loss(
+        &target,
+        &c,
+        &fx.labels,
+        case.loss,
+        case.kappa,
+        skip,
+        rng.clone(),
+    )?;
     let loss_diff = (lr - lc).abs();
     assert!(
         loss_diff <= loss_bound,

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use eio_reference::attack::AttackSettings;
+use eio_spec::attack::{DiversityDraw, Interpolation, SkipGradient};
 use eio_spec::config::{AttackLoss, BnMode, Config, DistillConfig, EvalConfig};
 use eio_spec::plan::NodeId;
 use eio_spec::rng::Seeds;
@@ -202,6 +203,15 @@ pub enum TargetSpec<'a> {
     },
 }
 
+/// What an attack run (`pgd_run`) produced.
+#[derive(Debug, Clone)]
+pub struct AttackRun {
+    /// The adversarial images.
+    pub images: Images,
+    /// Entries whose step direction had |d| < 1e-12, summed over steps.
+    pub sign_ties: usize,
+}
+
 /// The white-box all-or-nothing evaluation's result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WhiteBox {
@@ -287,7 +297,7 @@ pub trait Engine {
     /// writes it again to `to`.
     fn reload(&self, plan: &Plan, from: &std::path::Path, to: &std::path::Path) -> Outcome<()>;
 
-    /// `Target::loss_and_input_grad` at `images`.
+    /// `Target::loss_and_input_grad` at `images`, with SGM's backward when `skip` is set.
     #[allow(clippy::too_many_arguments)]
     fn attack_loss(
         &self,
@@ -296,6 +306,7 @@ pub trait Engine {
         labels: &[usize],
         loss: AttackLoss,
         kappa: f64,
+        skip: Option<&SkipGradient>,
         rng: ChaCha8Rng,
     ) -> Outcome<(f64, Vec<f64>)>;
 
@@ -307,7 +318,8 @@ pub trait Engine {
         rng: ChaCha8Rng,
     ) -> Outcome<Vec<usize>>;
 
-    /// `pgd`: the adversarial images.
+    /// `pgd_run`: the adversarial images and the sign ties counted on the way (plain PGD,
+    /// momentum, input diversity and SGM, as `settings` says).
     fn pgd(
         &self,
         target: &TargetSpec<'_>,
@@ -315,6 +327,22 @@ pub trait Engine {
         labels: &[usize],
         settings: &AttackSettings,
         rng: ChaCha8Rng,
+    ) -> Outcome<AttackRun>;
+
+    /// `input_diversity`: the DI²-FGSM transform of `images` for one draw.
+    fn input_diversity(
+        &self,
+        images: &Images,
+        draw: &DiversityDraw,
+        interpolation: Interpolation,
+    ) -> Outcome<Images>;
+
+    /// `input_diversity_backward`: the transform's adjoint applied to `grad` (image-shaped).
+    fn input_diversity_backward(
+        &self,
+        grad: &Images,
+        draw: &DiversityDraw,
+        interpolation: Interpolation,
     ) -> Outcome<Images>;
 
     /// `white_box`.

@@ -14,8 +14,9 @@
 //! | `f64_distill.rs` | whole Eq. 2 runs step by step, with the sign-tie rule |
 //! | `f64_eio.rs` | one Eq. 4 iteration (path losses, distillation losses, final state) and clean pre-training |
 //! | `f64_attack.rs` | PGD (CE, C&W; path, ensemble of 2, randomised with EOT 2) and the white-box report |
+//! | `f64_transfer_attacks.rs` | momentum PGD, M-DI²-FGSM and SGM (CE, C&W, DVERGE's C&W; every target kind), the input-diversity transform and its adjoint, known answers of both |
 //! | `checkpoint.rs` | safetensors checkpoints written by one engine and read by another, bit for bit |
-//! | `f32_cpu.rs` | f32 CPU: single passes at 1e-4; multi-step sign attacks by their first step and a bound |
+//! | `f32_cpu.rs` | f32 CPU: single passes at 1e-4; multi-step sign attacks (PGD and the transfer attacks) by their first step and a bound |
 //! | `cuda.rs` | the f32 single passes on CUDA (`--features cuda` and `EIO_DEVICE=cuda`), else a visible skip |
 //! | `snapshot.rs` | one insta snapshot that the reference and the f64 engine must both produce |
 

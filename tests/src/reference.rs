@@ -2,13 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use eio_reference::attack::{pgd, AttackSettings, Member, Target};
+use eio_reference::attack::{pgd_run, AttackSettings, Member, Target};
 use eio_reference::distill::eq2_distill;
 use eio_reference::eio::{eq4_iteration, pretrain_iteration, EioBatch};
+use eio_reference::input_diversity::{input_diversity, input_diversity_backward};
 use eio_reference::loss::{cross_entropy, cw_loss, mse_loss};
 use eio_reference::model::{backward, forward, logits};
 use eio_reference::optim::{Adam, AdamConfig, Sgd, SgdConfig};
 use eio_reference::state::ModelState;
+use eio_spec::attack::{DiversityDraw, Interpolation, SkipGradient};
 use eio_spec::config::{AttackLoss, BnMode, Config, DistillConfig, EvalConfig};
 use eio_spec::plan::{NodeId, Role};
 use eio_spec::rng::Seeds;
@@ -17,8 +19,8 @@ use ndarray::{Array4, ArrayD, IxDyn};
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::{
-    DistillRun, EioIteration, EioRun, Engine, Forward, Grads, Images, IterationReport, Objective,
-    Optimiser, Outcome, StepGrads, TargetSpec, Values, WhiteBox,
+    AttackRun, DistillRun, EioIteration, EioRun, Engine, Forward, Grads, Images, IterationReport,
+    Objective, Optimiser, Outcome, StepGrads, TargetSpec, Values, WhiteBox,
 };
 
 /// The reference engine (f64, CPU).
@@ -369,11 +371,12 @@ impl Engine for Reference {
         labels: &[usize],
         loss: AttackLoss,
         kappa: f64,
+        skip: Option<&SkipGradient>,
         mut rng: ChaCha8Rng,
     ) -> Outcome<(f64, Vec<f64>)> {
         let states = target_states(target);
         let t = make_target(target, &states);
-        let (l, g) = t.loss_and_input_grad(&array(images), labels, loss, kappa, &mut rng);
+        let (l, g) = t.loss_and_input_grad(&array(images), labels, loss, kappa, skip, &mut rng);
         Ok((l, g.iter().copied().collect()))
     }
 
@@ -395,11 +398,40 @@ impl Engine for Reference {
         labels: &[usize],
         settings: &AttackSettings,
         mut rng: ChaCha8Rng,
-    ) -> Outcome<Images> {
+    ) -> Outcome<AttackRun> {
         let states = target_states(target);
         let t = make_target(target, &states);
-        let adv = pgd(&t, &array(images), labels, settings, &mut rng);
-        Ok(self::images(&adv))
+        let run = pgd_run(&t, &array(images), labels, settings, &mut rng);
+        Ok(AttackRun {
+            images: self::images(&run.images),
+            sign_ties: run.sign_ties,
+        })
+    }
+
+    fn input_diversity(
+        &self,
+        images: &Images,
+        draw: &DiversityDraw,
+        interpolation: Interpolation,
+    ) -> Outcome<Images> {
+        Ok(self::images(&input_diversity(
+            &array(images),
+            draw,
+            interpolation,
+        )))
+    }
+
+    fn input_diversity_backward(
+        &self,
+        grad: &Images,
+        draw: &DiversityDraw,
+        interpolation: Interpolation,
+    ) -> Outcome<Images> {
+        Ok(self::images(&input_diversity_backward(
+            &array(grad),
+            draw,
+            interpolation,
+        )))
     }
 
     fn white_box(

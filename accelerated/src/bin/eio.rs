@@ -45,6 +45,8 @@ enum Command {
     Import(ImportArgs),
     /// Export a model under PyTorch names as safetensors (DVERGE's ResNet or the authors' RGN).
     Export(ExportArgs),
+    /// The black-box transfer suite: train surrogates, generate versions, check a folder.
+    Blackbox(BlackboxArgs),
 }
 
 #[derive(Args)]
@@ -105,7 +107,8 @@ struct ConfigArgs {
     /// A TOML config (see configs/).
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
-    /// A shipped preset: paper, official, dverge, quick.
+    /// A shipped preset: paper, official, dverge, quick, vgg16 (configs/; sources in
+    /// spec/SPEC.md, "Presets and their sources").
     #[arg(long)]
     preset: Option<String>,
     /// Override a setting: --set train.epochs=10 (repeatable).
@@ -164,34 +167,47 @@ struct EvalArgs {
     /// Model(s) to evaluate; several form an ensemble (mean softmax).
     #[arg(long = "model", required = true)]
     models: Vec<PathBuf>,
-    /// Gate vector for an RGN model.
+    /// Gate vector for an RGN model, e.g. 0101...
     #[arg(long)]
     path: Option<String>,
     /// Deploy an RGN with random gates at test time (attacked with EOT).
     #[arg(long)]
     random_gates: bool,
-    /// Paths averaged per gradient under --random-gates.
+    /// Paths averaged per gradient under --random-gates (default eval.eot_samples).
     #[arg(long)]
     eot: Option<usize>,
-    /// The attack (PGD, L-inf).
-    #[arg(long, default_value = "pgd")]
-    attack: String,
-    /// Losses: ce, cw (comma separated).
+    /// Clean accuracy only (also what `eio eval` does without --eps, --blackbox and
+    /// --convergence-check); on every test image unless --images is given.
+    #[arg(long)]
+    clean: bool,
+    /// White-box PGD losses: ce, cw, cw-dverge (comma separated; default eval.losses).
     #[arg(long, value_delimiter = ',')]
     loss: Vec<String>,
-    /// Radii in [0, 1] pixel units (comma separated).
+    /// White-box PGD radii in [0, 1] pixel units (comma separated); without --eps no PGD runs.
     #[arg(long, value_delimiter = ',')]
     eps: Vec<f64>,
+    /// White-box PGD steps (default eval.steps).
     #[arg(long)]
     steps: Option<usize>,
+    /// White-box PGD random restarts, all-or-nothing (default eval.restarts).
     #[arg(long)]
     restarts: Option<usize>,
-    /// Test images (a fixed seeded subset).
+    /// Test images (a fixed seeded subset; default eval.images, every image with --clean).
     #[arg(long)]
     images: Option<usize>,
-    /// Models the transfer examples are made on (an ensemble when several).
+    /// Models the transfer PGD examples are made on (an ensemble when several); needs --eps.
     #[arg(long = "transfer-from")]
     transfer_from: Vec<PathBuf>,
+    /// Score on the black-box transfer suite in this folder (made by `eio blackbox generate`).
+    #[arg(long)]
+    blackbox: Option<PathBuf>,
+    /// DVERGE's convergence check at this radius: white-box PGD with each of
+    /// --convergence-steps; more steps must never raise accuracy.
+    #[arg(long)]
+    convergence_check: Option<f64>,
+    /// Step counts of --convergence-check (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "50,500,1000")]
+    convergence_steps: Vec<usize>,
     /// Override settings, e.g. --set data.path=... or --set eval.batch_size=100.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -200,6 +216,73 @@ struct EvalArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Args)]
+struct BlackboxArgs {
+    #[command(subcommand)]
+    command: BlackboxCommand,
+}
+
+#[derive(Subcommand)]
+enum BlackboxCommand {
+    /// Train the surrogate baseline ensembles of blackbox.surrogate_sizes / surrogate_seeds
+    /// (default 3, 5 and 8 ResNet-20s) into DIR/baseline<size>; finished ones are kept.
+    Surrogates(SurrogatesArgs),
+    /// Generate the suite's adversarial versions (trains nothing); finished jobs are skipped.
+    Generate(GenerateArgs),
+    /// Print which jobs of a suite folder are done and which are missing.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct SurrogatesArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Folder of the surrogate runs.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A folder of `eio blackbox surrogates`: uses every DIR/baseline<size>/model.safetensors of
+    /// blackbox.surrogate_sizes.
+    #[arg(long, required_unless_present = "surrogate")]
+    surrogates: Option<PathBuf>,
+    /// A surrogate as NAME=MODEL (repeatable, in suite order), e.g. baseline3=runs/b3/model.safetensors.
+    #[arg(long, value_name = "NAME=MODEL", conflicts_with = "surrogates")]
+    surrogate: Vec<String>,
+    /// Settings of the suite (default: the first surrogate's config); --set blackbox.steps=20 ...
+    #[command(flatten)]
+    config: OptionalConfigArgs,
+    /// The suite folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Run one shard I/N of the jobs (0 <= I < N); default: SLURM_ARRAY_TASK_ID of
+    /// SLURM_ARRAY_TASK_COUNT when set, else every job.
+    #[arg(long)]
+    shard: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct OptionalConfigArgs {
+    /// A TOML config whose [blackbox], seed and [data] sections are used.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a setting: --set blackbox.steps=20 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The suite folder.
+    suite: PathBuf,
 }
 
 #[derive(Args)]
@@ -249,6 +332,11 @@ fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Run(a) => run_cmd(a, &interrupt)?,
         Command::Import(a) => import_cmd(a)?,
         Command::Export(a) => export_cmd(a)?,
+        Command::Blackbox(a) => match a.command {
+            BlackboxCommand::Surrogates(a) => surrogates_cmd(a, &interrupt)?,
+            BlackboxCommand::Generate(a) => generate_cmd(a, &interrupt)?,
+            BlackboxCommand::Status(a) => status_cmd(a)?,
+        },
     };
     Ok(if finished {
         std::process::ExitCode::SUCCESS
@@ -262,7 +350,10 @@ fn load_config(args: &ConfigArgs) -> Result<Config> {
     let config = match (&args.config, &args.preset) {
         (Some(path), _) => Config::load(path)?,
         (None, Some(name)) => Preset::from_name(name)
-            .with_context(|| format!("no preset {name:?} (paper, official, dverge, quick)"))?
+            .with_context(|| {
+                let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+                format!("no preset {name:?} ({})", names.join(", "))
+            })?
             .config()?,
         (None, None) => bail!("give --config FILE or --preset NAME"),
     };
@@ -359,14 +450,19 @@ impl Observer for Display {
         self.bar.finish_and_clear();
         if !self.quiet {
             let fmt = |v: Option<f64>| v.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a));
+            // With a hold-out the epoch's accuracy is validation accuracy; without one
+            // (data.validation = 0) it is measured on the test set and says so.
+            let held_out = match (r.validation_accuracy, r.test_accuracy) {
+                (None, Some(t)) => format!("test acc {}", fmt(Some(t))),
+                (v, _) => format!("val acc {}", fmt(v)),
+            };
             eprintln!(
-                "{:?} epoch {}/{}: loss {:.4}, train acc {}, val acc {}, lr {:.3e}, {:.0} img/s, {:.1} s",
+                "{:?} epoch {}/{}: loss {:.4}, train acc {}, {held_out}, lr {:.3e}, {:.0} img/s, {:.1} s",
                 r.phase,
                 r.epoch + 1,
                 self.epochs,
                 r.loss,
                 fmt(r.train_accuracy),
-                fmt(r.validation_accuracy),
                 r.lr,
                 r.images_per_second,
                 r.seconds
@@ -510,9 +606,15 @@ fn load_models(
 
 fn eval_cmd(a: EvalArgs) -> Result<bool> {
     let (device, dtype) = engine(&a.common)?;
-    if a.attack != "pgd" {
-        bail!("--attack {:?}: only pgd is available", a.attack);
+    if !a.transfer_from.is_empty() && a.eps.is_empty() {
+        bail!("--transfer-from makes PGD examples: give --eps");
     }
+    if a.clean && (!a.eps.is_empty() || a.blackbox.is_some() || a.convergence_check.is_some()) {
+        bail!(
+            "--clean measures clean accuracy only: drop --eps, --blackbox and --convergence-check"
+        );
+    }
+    let pgd = !a.eps.is_empty();
     let models = load_models(&a.models, &device, dtype, a.path.as_deref())?;
     let sources = load_models(&a.transfer_from, &device, dtype, None)?;
     let mut config = models[0]
@@ -526,14 +628,13 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
         e.losses = a
             .loss
             .iter()
-            .map(|l| match l.as_str() {
-                "ce" => Ok(AttackLoss::Ce),
-                "cw" => Ok(AttackLoss::Cw),
-                other => bail!("--loss {other:?}: expected ce or cw"),
+            .map(|l| {
+                AttackLoss::from_name(l)
+                    .with_context(|| format!("--loss {l:?}: expected ce, cw or cw-dverge"))
             })
             .collect::<Result<_>>()?;
     }
-    if !a.eps.is_empty() {
+    if pgd {
         e.eps = a.eps.clone();
     }
     if let Some(s) = a.steps {
@@ -542,8 +643,11 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
     if let Some(r) = a.restarts {
         e.restarts = r;
     }
-    if let Some(n) = a.images {
-        e.images = n;
+    let only_clean = !pgd && a.blackbox.is_none() && a.convergence_check.is_none();
+    match a.images {
+        Some(n) => e.images = n,
+        None if only_clean => e.images = usize::MAX,
+        None => {}
     }
     if let Some(k) = a.eot {
         e.eot_samples = k;
@@ -551,8 +655,28 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
     config
         .validate()
         .map_err(|errors| anyhow::anyhow!("invalid evaluation settings:\n{errors}"))?;
-    let data = load_data(&config, a.common.quiet)?;
-    let images = experiment::eval_images(&config, &data);
+    let suite = a
+        .blackbox
+        .as_deref()
+        .map(eio_accelerated::blackbox::Suite::open)
+        .transpose()?;
+    if let Some(suite) = &suite {
+        for m in &models {
+            let bytes = std::fs::read(&m.name).with_context(|| format!("reading {}", m.name))?;
+            let hash = eio_accelerated::blackbox::sha256_hex(&bytes);
+            if let Some(s) = suite.manifest.surrogates.iter().find(|s| s.sha256 == hash) {
+                bail!(
+                    "{} is the suite's surrogate {} ({}): a transfer suite must not be scored on its own surrogate",
+                    m.name,
+                    s.name,
+                    s.file
+                );
+            }
+        }
+    }
+    let mut display = Display::new(a.common.quiet);
+    let started = Instant::now();
+    let (plans, paths) = experiment::plans_and_paths(&models, a.random_gates)?;
     let deployment = if a.random_gates {
         Deployment::RandomGates {
             eot: config.eval.eot_samples,
@@ -560,24 +684,7 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
     } else {
         Deployment::Fixed
     };
-    let (plans, paths) = experiment::plans_and_paths(&models, a.random_gates)?;
     let target = experiment::target(&models, &plans, &paths, deployment)?;
-    let (splans, spaths) = experiment::plans_and_paths(&sources, false)?;
-    let source = if sources.is_empty() {
-        None
-    } else {
-        Some(experiment::target(
-            &sources,
-            &splans,
-            &spaths,
-            Deployment::Fixed,
-        )?)
-    };
-    let source_name = sources
-        .iter()
-        .map(|s| s.name.clone())
-        .collect::<Vec<_>>()
-        .join(" + ");
     let name = models
         .iter()
         .map(|m| m.name.clone())
@@ -588,34 +695,295 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
         (None, true) => format!("{name} random gates, EOT {}", config.eval.eot_samples),
         _ => name,
     };
-    let mut display = Display::new(a.common.quiet);
-    let started = Instant::now();
-    let reports = experiment::evaluate(
-        &name,
-        &target,
-        source.as_ref().map(|s| (source_name.as_str(), s)),
-        &images,
-        &config.eval,
-        config.seed,
-        &device,
-        dtype,
-        &mut |attack, b, n| display.eval_progress(attack, b, n),
-    )?;
+    let mut reports = Vec::new();
+    let mut flags = Vec::new();
+    let mut images_used = 0;
+    if pgd || only_clean || a.convergence_check.is_some() {
+        let data = load_data(&config, a.common.quiet)?;
+        let images = experiment::eval_images(&config, &data);
+        images_used = images.len();
+        if only_clean {
+            reports.push(experiment::clean_report(
+                &name,
+                &target,
+                &images,
+                config.eval.batch_size,
+                config.seed,
+                &device,
+                dtype,
+            )?);
+        }
+        if pgd {
+            let (splans, spaths) = experiment::plans_and_paths(&sources, false)?;
+            let source = if sources.is_empty() {
+                None
+            } else {
+                Some(experiment::target(
+                    &sources,
+                    &splans,
+                    &spaths,
+                    Deployment::Fixed,
+                )?)
+            };
+            let source_name = sources
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+                .join(" + ");
+            reports.extend(experiment::evaluate(
+                &name,
+                &target,
+                source.as_ref().map(|s| (source_name.as_str(), s)),
+                &images,
+                &config.eval,
+                config.seed,
+                &device,
+                dtype,
+                &mut |attack, b, n| display.eval_progress(attack, b, n),
+            )?);
+            flags.push(eio_accelerated::sanity::gradient_masking(
+                &name,
+                &target,
+                &images,
+                &config.eval,
+                config.seed,
+                &device,
+                dtype,
+            )?);
+        }
+        if let Some(eps) = a.convergence_check {
+            let (flag, points) = eio_accelerated::sanity::convergence(
+                &name,
+                &target,
+                &images,
+                &config.eval,
+                eps,
+                &a.convergence_steps,
+                config.seed,
+                &device,
+                dtype,
+                &mut |steps, b, n| {
+                    display.eval_progress(&format!("convergence, {steps} steps"), b, n)
+                },
+            )?;
+            for (steps, acc) in points {
+                eprintln!(
+                    "convergence check: eps {eps}, {steps} steps: {:.1} %",
+                    100.0 * acc
+                );
+            }
+            flags.push(flag);
+        }
+    }
+    if let Some(suite) = &suite {
+        images_used = images_used.max(suite.clean.len());
+        reports.push(experiment::suite_report(
+            &name,
+            &target,
+            suite,
+            config.seed,
+            config.eval.batch_size,
+            &device,
+            dtype,
+            &mut |b, n| display.eval_progress("black-box suite", b, n),
+        )?);
+        let seeds: Vec<u64> = suite.manifest.surrogates.iter().map(|s| s.seed).collect();
+        for m in &models {
+            let seed = m.checkpoint.meta.config.seed;
+            flags.push(eio_spec::sanity::Flag {
+                check: "model disjoint from the surrogates".into(),
+                subject: m.name.clone(),
+                passed: !seeds.contains(&seed),
+                detail: format!("model seed {seed}, surrogate seeds {seeds:?}"),
+            });
+        }
+    }
+    let undefended: Vec<String> = models
+        .iter()
+        .all(|m| m.checkpoint.meta.config.train.method == eio_spec::config::Method::Baseline)
+        .then(|| name.clone())
+        .into_iter()
+        .collect();
+    let mut all_flags = eio_accelerated::sanity::report_flags(&reports, &undefended);
+    all_flags.extend(flags);
     let out = a.out.clone().unwrap_or_else(|| {
         a.models[0]
             .parent()
             .map_or_else(|| PathBuf::from("."), FsPath::to_path_buf)
     });
-    EvalReport::write(&reports, &out)?;
+    EvalReport::write(&reports, &all_flags, &out)?;
     println!("{}", EvalReport::table(&reports));
+    if suite.is_some() && pgd {
+        println!(
+            "{}",
+            EvalReport::table1(
+                &reports,
+                config.run.table_black_eps,
+                config.run.table_white_eps
+            )
+        );
+    }
+    print_flags(&all_flags);
     eprintln!(
         "{} images in {:.1} s; wrote {} and {}",
-        images.len(),
+        images_used,
         started.elapsed().as_secs_f64(),
         out.join("eval.json").display(),
         out.join("eval.csv").display()
     );
     Ok(true)
+}
+
+/// Every sanity flag on stderr; breaches as warnings.
+fn print_flags(flags: &[eio_spec::sanity::Flag]) {
+    for f in flags {
+        eprintln!("{}", f.line());
+    }
+    let breaches = flags.iter().filter(|f| !f.passed).count();
+    if breaches > 0 {
+        eprintln!("{breaches} sanity warning(s); they are recorded in eval.json");
+    }
+}
+
+fn surrogates_cmd(a: SurrogatesArgs, interrupt: &AtomicBool) -> Result<bool> {
+    let config = load_config(&a.config)?;
+    let (device, dtype) = engine(&a.common)?;
+    let data = load_data(&config, a.common.quiet)?;
+    let mut display = Display::new(a.common.quiet);
+    let trained = experiment::train_surrogates(
+        &config,
+        &a.out,
+        &data,
+        &device,
+        dtype,
+        &mut display,
+        interrupt,
+    )?;
+    let Some(trained) = trained else {
+        return Ok(false);
+    };
+    for (name, file) in trained {
+        eprintln!("surrogate {name}: {}", file.display());
+    }
+    Ok(true)
+}
+
+struct GenerateDisplay {
+    quiet: bool,
+}
+
+impl eio_accelerated::blackbox::GenerateProgress for GenerateDisplay {
+    fn job(&mut self, job: &eio_spec::blackbox::Job, done: usize, total: usize, skipped: bool) {
+        if !self.quiet {
+            eprintln!(
+                "[{}/{total}] {} eps {}{}",
+                done + 1,
+                job.version.name,
+                job.eps,
+                if skipped {
+                    ": done before, skipped"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    fn finished(&mut self, _job: &eio_spec::blackbox::Job, seconds: f64) {
+        if !self.quiet {
+            eprintln!("    {seconds:.1} s");
+        }
+    }
+}
+
+fn generate_cmd(a: GenerateArgs, interrupt: &AtomicBool) -> Result<bool> {
+    let (device, dtype) = engine(&a.common)?;
+    let named: Vec<(String, PathBuf)> = if let Some(dir) = &a.surrogates {
+        let base = match &a.config.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        }
+        .with_overrides(&a.config.set)?;
+        experiment::surrogate_configs(&base)
+            .into_iter()
+            .map(|(name, _)| {
+                let file = dir.join(&name).join("model.safetensors");
+                (name, file)
+            })
+            .collect()
+    } else {
+        a.surrogate
+            .iter()
+            .map(|s| {
+                s.split_once('=')
+                    .map(|(n, f)| (n.to_string(), PathBuf::from(f)))
+                    .with_context(|| format!("--surrogate {s:?}: expected NAME=MODEL"))
+            })
+            .collect::<Result<_>>()?
+    };
+    let surrogates = named
+        .iter()
+        .map(|(name, file)| eio_accelerated::blackbox::Surrogate::load(name, file, &device, dtype))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = match &a.config.config {
+        Some(path) => Config::load(path)?,
+        None => surrogates[0].checkpoint.meta.config.clone(),
+    }
+    .with_overrides(&a.config.set)?;
+    let shard = match &a.shard {
+        Some(text) => eio_spec::blackbox::Shard::parse(text)?,
+        None => eio_spec::blackbox::Shard::from_slurm(|k| std::env::var(k).ok())?
+            .unwrap_or(eio_spec::blackbox::Shard::ALL),
+    };
+    let data = load_data(&config, a.common.quiet)?;
+    let images = experiment::suite_images(&config, &data);
+    let started = Instant::now();
+    let summary = eio_accelerated::blackbox::generate(
+        &a.out,
+        &config,
+        &surrogates,
+        &images,
+        shard,
+        &device,
+        dtype,
+        &mut GenerateDisplay {
+            quiet: a.common.quiet,
+        },
+        interrupt,
+    )?;
+    let seconds: f64 = summary.generated.iter().map(|(_, s)| s).sum();
+    eprintln!(
+        "shard {shard}: {} jobs, {} done before, {} generated in {:.1} s ({:.1} s per job){}",
+        summary.jobs,
+        summary.skipped,
+        summary.generated.len(),
+        started.elapsed().as_secs_f64(),
+        seconds / summary.generated.len().max(1) as f64,
+        if summary.interrupted {
+            "; interrupted"
+        } else {
+            ""
+        }
+    );
+    Ok(!summary.interrupted)
+}
+
+fn status_cmd(a: StatusArgs) -> Result<bool> {
+    let suite = eio_accelerated::blackbox::Suite::open(&a.suite)?;
+    let status = suite.status();
+    println!(
+        "{}: {} surrogates, {} versions, {} eps, {} images; {} of {} jobs done",
+        a.suite.display(),
+        suite.manifest.surrogates.len(),
+        suite.version_names().len(),
+        suite.manifest.config.eps.len(),
+        suite.clean.len(),
+        status.jobs - status.missing.len(),
+        status.jobs
+    );
+    for m in &status.missing {
+        println!("missing: {m}");
+    }
+    Ok(status.missing.is_empty())
 }
 
 fn run_cmd(a: RunArgs, interrupt: &AtomicBool) -> Result<bool> {
@@ -642,6 +1010,15 @@ fn run_cmd(a: RunArgs, interrupt: &AtomicBool) -> Result<bool> {
         return Ok(false);
     };
     println!("{}", EvalReport::table(&report.reports));
+    println!(
+        "{}",
+        EvalReport::table1(
+            &report.reports,
+            config.run.table_black_eps,
+            config.run.table_white_eps
+        )
+    );
+    print_flags(&report.sanity);
     println!(
         "wall time {:.1} s; report: {}",
         started.elapsed().as_secs_f64(),

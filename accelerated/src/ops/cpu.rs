@@ -341,6 +341,27 @@ pub fn linear_backward_input<T: Real>(w: &Tensor, grad: &Tensor) -> Result<Tenso
     tensor(dx, &[n, f_in])
 }
 
+/// See [`super::stock::separable`].
+pub fn separable<T: Real>(x: &Tensor, left: &Tensor, right: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if left.dims() != [h, h] || right.dims() != [w, w] {
+        bail!(
+            "separable: images {:?}, left {:?}, right {:?}",
+            x.dims(),
+            left.dims(),
+            right.dims()
+        );
+    }
+    let mut y = vec![T::zero(); x.elem_count()];
+    with2(x, left, |x, l| {
+        with(right, |r| {
+            k::separable(x, l, r, (h, w), &mut y);
+            Ok(())
+        })
+    })?;
+    tensor(y, &[n, c, h, w])
+}
+
 #[cfg(test)]
 mod tests {
     //! Every CPU kernel against its stock-candle namesake on seeded random inputs: f64 to
@@ -537,6 +558,26 @@ mod tests {
                 "relu backward len={len}: gradient where x <= 0"
             );
         }
+
+        // The separable map of input diversity: square and non-square planes, one plane, and
+        // enough planes to split across threads.
+        for (n, c, h, w) in [(1, 1, 1, 1), (2, 3, 4, 4), (3, 1, 5, 7), (64, 3, 32, 32)] {
+            let what = format!("separable n={n} c={c} {h}x{w} {dtype:?}");
+            let x = random(&[n, c, h, w], dtype, &mut rng);
+            let left = random(&[h, h], dtype, &mut rng);
+            let right = random(&[w, w], dtype, &mut rng);
+            assert_close(
+                &what,
+                &separable::<T>(&x, &left, &right).expect("cpu separable"),
+                &stock::separable(&x, &left, &right).expect("stock separable"),
+            );
+        }
+        let x = random(&[1, 1, 3, 4], dtype, &mut rng);
+        let square = random(&[3, 3], dtype, &mut rng);
+        assert!(
+            separable::<T>(&x, &square, &square).is_err(),
+            "right matrix of the wrong size"
+        );
 
         for (n, f_in, f_out) in [(1, 1, 1), (3, 5, 2), (16, 64, 10)] {
             let what = format!("linear n={n} {f_in}->{f_out} {dtype:?}");

@@ -655,3 +655,20 @@ pub fn linear_backward<T: Real>(
     }
     (dx, dw, db)
 }
+
+/// `y_p = L · x_p · Rᵀ` for every `[H, W]` plane p of `x` (`L` `[H, H]`, `R` `[W, W]`, all
+/// row-major), into `y` (same shape as `x`): two single-threaded GEMMs per plane
+/// (`t = x_p · Rᵀ`, then `y_p = L · t`), the planes in parallel.
+pub fn separable<T: Real>(x: &[T], left: &[T], right: &[T], (h, w): (usize, usize), y: &mut [T]) {
+    let plane = h * w;
+    y.par_chunks_mut(plane.max(1))
+        .zip(x.par_chunks(plane.max(1)))
+        .with_min_len(min_blocks(plane))
+        .for_each_init(
+            || vec![T::zero(); plane],
+            |t, (y, x)| {
+                gemm_into((h, w, w), t, false, x, (w, 1), right, (1, w));
+                gemm_into((h, w, h), y, false, left, (h, 1), t, (w, 1));
+            },
+        );
+}

@@ -24,6 +24,7 @@ mod cpu_kernels;
 mod stock;
 
 use candle_core::{DType, Device, Result, Tensor, D};
+use eio_spec::attack::{DiversityDraw, Interpolation};
 
 /// Runs `cpu::$op::<f32 | f64>` for f32 / f64 tensors on the CPU, `stock::$op` otherwise, as
 /// decided by the device and dtype of `$t`.
@@ -294,6 +295,26 @@ pub fn cw_loss(z: &Tensor, labels: &Tensor, kappa: f64) -> Result<(Tensor, Tenso
     Ok((loss, grad))
 }
 
+/// DVERGE's C&W variant (`eio_reference::loss::cw_dverge_loss`): the true class masked to 0,
+/// so the best wrong logit is max(0, max_{k≠y} z_k) (first maximum; no gradient when it is
+/// the masked entry).
+pub fn cw_dverge_loss(z: &Tensor, labels: &Tensor, kappa: f64) -> Result<(Tensor, Tensor)> {
+    let (n, _) = z.dims2()?;
+    let y = one_hot(labels, z.dim(1)?, z.dtype())?;
+    let z_y = z.mul(&y)?.sum_keepdim(1)?;
+    let masked = y.gt(0.5)?.where_cond(&z.zeros_like()?, z)?;
+    let other_max = masked.max_keepdim(1)?;
+    let is_max = masked.broadcast_eq(&other_max)?.to_dtype(z.dtype())?;
+    let first = is_max.mul(&is_max.cumsum(1)?.eq(1.0)?.to_dtype(z.dtype())?)?;
+    // The first maximum at the masked entry is a constant: no gradient to it.
+    let first = (first.clone() - first.mul(&y)?)?;
+    let margin = ((z_y - other_max)? + kappa)?;
+    let active = margin.gt(0.0)?.to_dtype(z.dtype())?;
+    let loss = (margin.relu()?.sum_all()? * (-1.0 / n as f64))?;
+    let grad = ((first - y)?.broadcast_mul(&active)? / n as f64)?;
+    Ok((loss, grad))
+}
+
 /// Mean squared error over all elements and its gradient 2(a − b)/numel.
 pub fn mse(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     let diff = (a - b)?;
@@ -348,4 +369,241 @@ pub fn log_mean_softmax_backward(
 /// sign(x) with sign(0) = 0.
 pub fn sign(x: &Tensor) -> Result<Tensor> {
     x.sign()
+}
+
+/// The momentum of MI-FGSM (Dong et al. 2018, "Boosting Adversarial Attacks with Momentum",
+/// Eq. 6), also Eq. 2's distillation momentum (DVERGE): per sample n of `grad` (`[N, C, H, W]`),
+///
+/// ```text
+/// m_n = μ·m'_n + g_n / max(‖g_n‖₁, MOMENTUM_L1_FLOOR)
+/// ```
+///
+/// with m' = `previous` (the first step has none: m_n = g_n / max(‖g_n‖₁, floor)) and
+/// μ = `decay` (`eio_reference::momentum::l1_momentum`).
+pub fn l1_momentum(previous: Option<&Tensor>, grad: &Tensor, decay: f64) -> Result<Tensor> {
+    let l1 = grad
+        .abs()?
+        .flatten_from(1)?
+        .sum_keepdim(1)?
+        .maximum(eio_spec::attack::MOMENTUM_L1_FLOOR)?;
+    let normalised = grad.broadcast_div(&l1.reshape((l1.dim(0)?, 1, 1, 1))?)?;
+    match previous {
+        Some(m) => (m * decay)? + normalised,
+        None => Ok(normalised),
+    }
+}
+
+/// The number of entries of `direction` with |d| < `threshold` (a sign step's ties), as a
+/// scalar f64 tensor on `direction`'s device (exact up to 2^53, so step counts can be summed
+/// on the device and read once).
+pub fn count_below(direction: &Tensor, threshold: f64) -> Result<Tensor> {
+    direction
+        .abs()?
+        .lt(threshold)?
+        .to_dtype(DType::F64)?
+        .sum_all()
+}
+
+/// The backward pass through one residual add y = r + s under SGM, the skip-gradient method
+/// (Wu et al. 2020, "Skip Connections Matter: On the Transferability of Adversarial Examples
+/// Generated with ResNets", Sec. 3): given dL/dy = g,
+///
+/// ```text
+/// ĝ     = g / std(g)   with `normalise`, std unbiased over every element (torch.std); g itself
+///                      when std(g) is 0 or not finite (a constant gradient, or one element)
+/// dL/dr = γ·ĝ          (the residual branch, γ = `branch_factor`)
+/// dL/ds = ĝ            (the skip path)
+/// ```
+///
+/// returned as (dL/dr, dL/ds) (`eio_spec::attack::SkipGradient`,
+/// `eio_reference::model::backward_with`). The standard deviation stays on the device.
+pub fn skip_gradient_add_backward(
+    grad: &Tensor,
+    branch_factor: f64,
+    normalise: bool,
+) -> Result<(Tensor, Tensor)> {
+    let g = if normalise {
+        let count = grad.elem_count() as f64;
+        let mean = (grad.sum_all()? / count)?;
+        let squares = grad.broadcast_sub(&mean)?.sqr()?.sum_all()?;
+        let std = (squares / (count - 1.0))?.sqrt()?;
+        // 0·std is 0 exactly when std is finite (NaN for inf and NaN).
+        let usable = std.gt(0.0)?.mul(&(&std * 0.0)?.eq(0.0)?)?;
+        let divisor = usable.where_cond(&std, &std.ones_like()?)?;
+        grad.broadcast_div(&divisor)?
+    } else {
+        grad.clone()
+    };
+    Ok(((&g * branch_factor)?, g))
+}
+
+/// The matrix of a 1-D resize from `from` samples to `to` (`[to, from]` row-major, f64), with
+/// PyTorch's `F.interpolate` semantics (`eio_spec::attack::Interpolation`):
+///
+/// * bilinear (`align_corners = False`): output i reads the source coordinate
+///   c = max((i + ½)·from/to − ½, 0), i₀ = ⌊c⌋, i₁ = min(i₀ + 1, from − 1), λ = c − i₀:
+///   row i holds 1 − λ at i₀ and λ at i₁ (summed when they coincide);
+/// * nearest (PyTorch's legacy `mode="nearest"`, which computes in f32): row i holds 1 at
+///   min(⌊i·f32(from/to)⌋, from − 1), the product and floor in f32 as well.
+fn resize_matrix(from: usize, to: usize, interpolation: Interpolation) -> Vec<f64> {
+    let mut m = vec![0.0; to * from];
+    for i in 0..to {
+        let row = &mut m[i * from..(i + 1) * from];
+        match interpolation {
+            Interpolation::Bilinear => {
+                let c = ((i as f64 + 0.5) * (from as f64 / to as f64) - 0.5).max(0.0);
+                let i0 = (c.floor() as usize).min(from - 1);
+                let i1 = (i0 + 1).min(from - 1);
+                let lambda = c - i0 as f64;
+                row[i0] += 1.0 - lambda;
+                row[i1] += lambda;
+            }
+            Interpolation::Nearest => {
+                let scale = from as f32 / to as f32;
+                row[((i as f32 * scale).floor() as usize).min(from - 1)] = 1.0;
+            }
+        }
+    }
+    m
+}
+
+/// The `[side, side]` matrix of one axis of an input-diversity draw: the `[size, side]` resize
+/// of [`resize_matrix`] placed at rows `offset..offset + size`, zero elsewhere (the padding).
+fn diversity_matrix(
+    side: usize,
+    size: usize,
+    offset: usize,
+    interpolation: Interpolation,
+) -> Vec<f64> {
+    let mut m = vec![0.0; side * side];
+    m[offset * side..(offset + size) * side].copy_from_slice(&resize_matrix(
+        side,
+        size,
+        interpolation,
+    ));
+    m
+}
+
+/// The row and column matrices (A, B) of `draw` for `[.., H, W]` images (see
+/// [`input_diversity`]), as tensors on `device` in `dtype`, transposed when `transpose`.
+fn diversity_matrices(
+    (h, w): (usize, usize),
+    draw: &DiversityDraw,
+    interpolation: Interpolation,
+    like: &Tensor,
+    transpose: bool,
+) -> Result<(Tensor, Tensor)> {
+    if draw.size == 0 || draw.top + draw.size > h || draw.left + draw.size > w {
+        candle_core::bail!("input diversity: draw {draw:?} does not fit {h}x{w} images");
+    }
+    let matrix = |side: usize, offset: usize| -> Result<Tensor> {
+        let m = Tensor::from_vec(
+            diversity_matrix(side, draw.size, offset, interpolation),
+            (side, side),
+            like.device(),
+        )?
+        .to_dtype(like.dtype())?;
+        if transpose {
+            m.t()?.contiguous()
+        } else {
+            Ok(m)
+        }
+    };
+    Ok((matrix(h, draw.top)?, matrix(w, draw.left)?))
+}
+
+/// The input-diversity transform of DI²-FGSM (Xie et al. 2019, "Improving Transferability of
+/// Adversarial Examples with Input Diversity", Sec. 3.1) for one draw, as torchattacks applies
+/// it: every image of `x` (`[N, C, H, W]`) resized to `size` x `size` with PyTorch's
+/// `F.interpolate` (`interpolation`), then zero-padded back to H x W with `top` rows above and
+/// `left` columns to the left (`eio_reference::input_diversity::input_diversity`).
+///
+/// The transform is linear and separable: per image and channel
+///
+/// ```text
+/// T(x) = A · x · Bᵀ,   A = P_top · R_H,   B = P_left · R_W
+/// ```
+///
+/// where R_S (`[size, S]`) is the 1-D resize (bilinear weights or a nearest pick per output
+/// row) and P_o (`[S, size]`) places its rows at `o..o + size`. A and B are built on the host
+/// from the draw; the products run as [`separable`].
+///
+/// # Errors
+/// If the draw does not fit the images, or on a device error.
+pub fn input_diversity(
+    x: &Tensor,
+    draw: &DiversityDraw,
+    interpolation: Interpolation,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (a, b) = diversity_matrices((h, w), draw, interpolation, x, false)?;
+    separable(x, &a, &b)
+}
+
+/// The adjoint of [`input_diversity`] (its backward): dL/dx = Aᵀ · g · B per image and channel
+/// of `grad` (`eio_reference::input_diversity::input_diversity_backward`).
+///
+/// # Errors
+/// If the draw does not fit the images, or on a device error.
+pub fn input_diversity_backward(
+    grad: &Tensor,
+    draw: &DiversityDraw,
+    interpolation: Interpolation,
+) -> Result<Tensor> {
+    let (_, _, h, w) = grad.dims4()?;
+    let (a_t, b_t) = diversity_matrices((h, w), draw, interpolation, grad, true)?;
+    separable(grad, &a_t, &b_t)
+}
+
+/// `y[n, c] = L · x[n, c] · Rᵀ` for every image n and channel c of `x` (`[N, C, H, W]`),
+/// with `L` `[H, H]` and `R` `[W, W]`. CPU: two GEMMs per plane
+/// ([`cpu_kernels::separable`]); elsewhere two batched matmuls.
+fn separable(x: &Tensor, left: &Tensor, right: &Tensor) -> Result<Tensor> {
+    dispatch!(x, separable(x, left, right))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f64>())
+            .expect("host values")
+    }
+
+    /// SGM's add backward by hand: g = (1, 2, 3, 4) has mean 5/2 and unbiased variance
+    /// (9/4 + 1/4 + 1/4 + 9/4) / 3 = 5/3, so the normalised gradient is g·sqrt(3/5) and the
+    /// residual branch gets γ = 0.2 times it; without normalisation g and 0.2·g. A constant
+    /// gradient (std 0) and a single element (std 0/0) are left as they are.
+    #[test]
+    fn skip_gradient_add_backward_by_hand() {
+        let g = Tensor::new(&[[1.0f64, 2.0], [3.0, 4.0]], &Device::Cpu).expect("g");
+        let (r, s) = skip_gradient_add_backward(&g, 0.2, true).expect("normalised");
+        let k = (3.0f64 / 5.0).sqrt();
+        for (got, want) in values(&s).iter().zip([1.0, 2.0, 3.0, 4.0]) {
+            assert!(
+                (got - want * k).abs() < 1e-15,
+                "skip: {got} for {}",
+                want * k
+            );
+        }
+        for (got, want) in values(&r).iter().zip([1.0, 2.0, 3.0, 4.0]) {
+            assert!((got - 0.2 * want * k).abs() < 1e-15, "branch: {got}");
+        }
+        let (r, s) = skip_gradient_add_backward(&g, 0.2, false).expect("plain");
+        assert_eq!(values(&s), [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(values(&r), [0.2, 0.4, 0.2 * 3.0, 0.8]);
+        for constant in [
+            Tensor::zeros((2, 3), DType::F64, &Device::Cpu).expect("zeros"),
+            Tensor::new(&[7.0f64; 5], &Device::Cpu).expect("constant"),
+            Tensor::new(&[-3.0f64], &Device::Cpu).expect("one element"),
+        ] {
+            let (r, s) = skip_gradient_add_backward(&constant, 0.5, true).expect("constant");
+            let want = values(&constant);
+            assert_eq!(values(&s), want, "a constant gradient is not normalised");
+            let half: Vec<f64> = want.iter().map(|v| v * 0.5).collect();
+            assert_eq!(values(&r), half);
+        }
+    }
 }

@@ -137,3 +137,9 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor,
 pub fn linear_backward_input(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
     grad.matmul(w)
 }
+
+/// `L · x[n, c] · Rᵀ` per plane of `x` (`[N, C, H, W]`), as two batched matmuls.
+pub fn separable(x: &Tensor, left: &Tensor, right: &Tensor) -> Result<Tensor> {
+    left.broadcast_matmul(&x.contiguous()?)?
+        .broadcast_matmul(&right.t()?)
+}
