@@ -18,7 +18,7 @@ use eio_spec::{Path, Plan};
 use rand::Rng;
 
 use crate::distill::{project, random_start, SIGN_TIE};
-use crate::model::{input_gradient, input_gradient_with, logits};
+use crate::model::{eval_logits, input_gradient, input_gradient_with, logits};
 use crate::ops;
 use crate::state::ModelState;
 
@@ -159,18 +159,24 @@ impl Target<'_> {
                 plan,
                 state,
                 path,
+                mode: BnMode::Eval,
+            } => eval_logits(plan, state, path, x)?,
+            Target::Path {
+                plan,
+                state,
+                path,
                 mode,
             } => logits(plan, state, path, x, *mode)?.0,
             Target::Ensemble(members) => {
                 let mut zs = Vec::with_capacity(members.len());
                 for m in members {
-                    zs.push(logits(m.plan, m.state, m.path, x, BnMode::Eval)?.0);
+                    zs.push(eval_logits(m.plan, m.state, m.path, x)?);
                 }
                 ops::log_mean_softmax(&zs, ENSEMBLE_PROB_FLOOR)?
             }
             Target::Randomised { plan, state, .. } => {
                 let path = plan.path_space().sample(rng);
-                logits(plan, state, &path, x, BnMode::Eval)?.0
+                eval_logits(plan, state, &path, x)?
             }
         };
         first_argmax(&scores)

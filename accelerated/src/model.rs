@@ -114,12 +114,65 @@ pub fn forward(
     mode: BnMode,
     end: NodeId,
 ) -> Result<Trace> {
+    let (outputs, bn, running) = run_nodes(plan, state, path, input, mode, end, true)?;
+    Ok(Trace {
+        path: path.clone(),
+        mode,
+        outputs: outputs
+            .into_iter()
+            .map(|o| o.expect("a kept pass holds every output"))
+            .collect(),
+        bn,
+        running,
+    })
+}
+
+/// The eval-mode logits along `path` without a trace: each activation is dropped as soon as
+/// its last reader has run, and nothing is kept for a backward pass, so a large batch needs
+/// only a few activations' memory (predictions, clean accuracy). The same ops in the same
+/// order as [`logits`], so the values are identical.
+///
+/// # Errors
+/// On a device error.
+pub fn eval_logits(plan: &Plan, state: &ModelState, path: &Path, input: &Tensor) -> Result<Tensor> {
+    let end = plan.logits();
+    let (mut outputs, _, _) = run_nodes(plan, state, path, input, BnMode::Eval, end, false)?;
+    Ok(outputs[end].take().expect("the last output is kept"))
+}
+
+type NodeRun = (
+    Vec<Option<Tensor>>,
+    BTreeMap<NodeId, ops::BnSaved>,
+    Vec<RunningUpdate>,
+);
+
+/// Runs nodes 0..=`end`; with `keep` every output and BatchNorm's saved tensors stay, without
+/// it an output is dropped after its last reader (and BatchNorm keeps nothing).
+fn run_nodes(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    input: &Tensor,
+    mode: BnMode,
+    end: NodeId,
+    keep: bool,
+) -> Result<NodeRun> {
     let train = mode == BnMode::Train;
-    let mut outputs: Vec<Tensor> = Vec::with_capacity(end + 1);
+    let mut last_reader: Vec<NodeId> = (0..=end).collect();
+    for (id, node) in plan.nodes[..=end].iter().enumerate() {
+        for &k in &node.inputs {
+            last_reader[k] = last_reader[k].max(id);
+        }
+    }
+    let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(end + 1);
     let mut bn = BTreeMap::new();
     let mut running = Vec::new();
     for (id, node) in plan.nodes[..=end].iter().enumerate() {
-        let x = |k: usize| &outputs[node.inputs[k]];
+        let x = |k: usize| {
+            outputs[node.inputs[k]]
+                .as_ref()
+                .expect("an output is kept until its last reader ran")
+        };
         let out = match &node.op {
             Op::Input => input.clone(),
             Op::Normalize { mean, std } => {
@@ -162,7 +215,9 @@ pub fn forward(
                             + 1,
                     });
                 }
-                bn.insert(id, saved);
+                if keep {
+                    bn.insert(id, saved);
+                }
                 y
             }
             Op::Relu => ops::relu(x(0))?,
@@ -176,15 +231,16 @@ pub fn forward(
                 ops::linear(x(0), state.tensor(&names.weight), state.tensor(&names.bias))?
             }
         };
-        outputs.push(out);
+        outputs.push(Some(out));
+        if !keep {
+            for &k in &node.inputs {
+                if last_reader[k] == id && k != end {
+                    outputs[k] = None;
+                }
+            }
+        }
     }
-    Ok(Trace {
-        path: path.clone(),
-        mode,
-        outputs,
-        bn,
-        running,
-    })
+    Ok((outputs, bn, running))
 }
 
 /// The logits along `path` and the trace of the pass.

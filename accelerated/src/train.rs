@@ -307,7 +307,9 @@ pub fn to_tensors(
 }
 
 /// Accuracy of `target` on `images`, in batches of `batch_size` (a randomised target draws
-/// its paths from `rng`).
+/// its paths from `rng`, batch after batch). A fixed target's batches run concurrently on the
+/// kernels' thread pool (the count does not depend on the order), so every core is busy even in
+/// the ops that run on one.
 ///
 /// # Errors
 /// A device error.
@@ -319,22 +321,40 @@ pub fn accuracy<R: rand::Rng + ?Sized>(
     dtype: DType,
     rng: &mut R,
 ) -> candle_core::Result<f64> {
+    use rayon::prelude::*;
     let n = images.len();
     if n == 0 {
         return Ok(0.0);
     }
-    let mut correct = 0;
-    for start in (0..n).step_by(batch_size.max(1)) {
+    let correct_in = |start: usize, rng: &mut dyn rand::RngCore| -> candle_core::Result<usize> {
         let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let part = images.subset(&idx);
         let (x, _) = to_tensors(part.pixels, part.labels.clone(), images, device, dtype)?;
         let predicted = target.predict(&x, rng)?;
-        correct += predicted
+        Ok(predicted
             .iter()
             .zip(&part.labels)
             .filter(|(p, &y)| **p == y as usize)
-            .count();
-    }
+            .count())
+    };
+    let starts: Vec<usize> = (0..n).step_by(batch_size.max(1)).collect();
+    let correct: usize = if matches!(target, Target::Randomised { .. }) {
+        let mut total = 0;
+        for &start in &starts {
+            let mut rng: &mut R = &mut *rng;
+            total += correct_in(start, &mut rng)?;
+        }
+        total
+    } else {
+        // A fixed target draws nothing; each batch gets a generator it never reads.
+        starts
+            .par_iter()
+            .map(|&start| {
+                let mut unread = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+                correct_in(start, &mut unread)
+            })
+            .sum::<candle_core::Result<usize>>()?
+    };
     Ok(correct as f64 / n as f64)
 }
 

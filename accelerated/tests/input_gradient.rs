@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use eio_accelerated::model::{
-    backward, backward_with, forward, input_gradient, input_gradient_with,
+    backward, backward_with, eval_logits, forward, input_gradient, input_gradient_with,
 };
 use eio_accelerated::ops;
 use eio_accelerated::state::ModelState;
@@ -212,4 +212,28 @@ fn skip_gradient_passes_agree_f64() {
 #[test]
 fn skip_gradient_passes_agree_f32() {
     check_skip_gradient(DType::F32);
+}
+
+/// `eval_logits` (no trace, activations dropped after their last reader) gives the logits of
+/// an eval-mode `forward`, bit for bit, in f64 and f32, on every sampled path.
+#[test]
+fn eval_logits_equal_the_traced_logits() {
+    let plan = small_plan();
+    for dtype in [DType::F64, DType::F32] {
+        let state = ModelState::init(&plan, &Seeds::new(12), 0, &Device::Cpu, dtype)
+            .expect("initial state");
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let images = random(&[5, 3, 8, 8], 0.0, 1.0, dtype, &mut rng);
+        for _ in 0..4 {
+            let path = plan.path_space().sample(&mut rng);
+            let traced = forward(&plan, &state, &path, &images, BnMode::Eval, plan.logits())
+                .expect("forward pass");
+            let lean = eval_logits(&plan, &state, &path, &images).expect("eval logits");
+            assert_eq!(lean.dims(), traced.last().dims());
+            assert!(
+                bits(&lean) == bits(traced.last()),
+                "{dtype:?} path {path:?}: eval_logits differ from the traced logits"
+            );
+        }
+    }
 }

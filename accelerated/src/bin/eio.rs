@@ -813,7 +813,7 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
     });
     EvalReport::write(&reports, &all_flags, &out)?;
     println!("{}", EvalReport::table(&reports));
-    if suite.is_some() && pgd {
+    if suite.is_some() {
         println!(
             "{}",
             EvalReport::table1(
