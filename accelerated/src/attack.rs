@@ -92,6 +92,22 @@ fn path_loss_grad(
     ))
 }
 
+impl<'a> Target<'a> {
+    /// The target of a list of members on their fixed paths: one member alone (eval-mode BN),
+    /// several as an ensemble through the mean softmax.
+    pub fn of_members(members: Vec<Member<'a>>) -> Target<'a> {
+        match members.as_slice() {
+            [one] => Target::Path {
+                plan: one.plan,
+                state: one.state,
+                path: one.path,
+                mode: BnMode::Eval,
+            },
+            _ => Target::Ensemble(members),
+        }
+    }
+}
+
 impl Target<'_> {
     /// The attack loss at `x` and its gradient with respect to `x`, back-propagated with SGM's
     /// scaling when `skip` is set (`eio_reference::attack::Target::loss_and_input_grad`).

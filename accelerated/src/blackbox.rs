@@ -224,15 +224,7 @@ impl Surrogate {
                 path: &self.path,
             })
             .collect();
-        match members.as_slice() {
-            [one] => Target::Path {
-                plan: one.plan,
-                state: one.state,
-                path: one.path,
-                mode: eio_spec::config::BnMode::Eval,
-            },
-            _ => Target::Ensemble(members),
-        }
+        Target::of_members(members)
     }
 }
 

@@ -49,6 +49,8 @@ pub enum ExperimentError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Blackbox(#[from] crate::blackbox::BlackboxError),
     #[error("{0}")]
     Usage(String),
 }
@@ -361,15 +363,7 @@ pub fn target<'a>(
             });
         }
     }
-    Ok(match members.as_slice() {
-        [one] => Target::Path {
-            plan: one.plan,
-            state: one.state,
-            path: one.path,
-            mode: BnMode::Eval,
-        },
-        _ => Target::Ensemble(members),
-    })
+    Ok(Target::of_members(members))
 }
 
 /// The plans and fixed paths of `models` (a plain network's only path; an RGN's `--path`).
@@ -694,9 +688,7 @@ pub fn suite_report(
     dtype: DType,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport, ExperimentError> {
-    let report = suite
-        .score(target, seed, batch_size, device, dtype, progress)
-        .map_err(|e| ExperimentError::Usage(format!("{:#}", anyhow_chain(&e))))?;
+    let report = suite.score(target, seed, batch_size, device, dtype, progress)?;
     let versions = suite.version_names().len();
     Ok(EvalReport {
         model: name.to_string(),
@@ -710,17 +702,6 @@ pub fn suite_report(
         },
         report,
     })
-}
-
-/// An error and its sources as one line.
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
 }
 
 /// The surrogate ensembles of `config.blackbox`: for each (size, seed), the name
@@ -995,8 +976,7 @@ pub fn run_pipeline(
     let surrogates = surrogate_files
         .iter()
         .map(|(name, file)| crate::blackbox::Surrogate::load(name, file, device, dtype))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ExperimentError::Usage(anyhow_chain(&e)))?;
+        .collect::<Result<Vec<_>, _>>()?;
     let generated = crate::blackbox::generate(
         &suite_dir,
         config,
@@ -1007,14 +987,12 @@ pub fn run_pipeline(
         dtype,
         &mut SuiteProgress(display),
         interrupt,
-    )
-    .map_err(|e| ExperimentError::Usage(anyhow_chain(&e)))?;
+    )?;
     if generated.interrupted {
         return Ok(None);
     }
     seconds.push(("suite".into(), t.elapsed().as_secs_f64()));
-    let suite = crate::blackbox::Suite::open(&suite_dir)
-        .map_err(|e| ExperimentError::Usage(anyhow_chain(&e)))?;
+    let suite = crate::blackbox::Suite::open(&suite_dir)?;
     display.stage(
         "evaluate",
         "clean, white-box and black-box suite, all-or-nothing",

@@ -415,16 +415,7 @@ fn measure(
             path: &path,
         })
         .collect();
-    let target = if members.len() == 1 {
-        Target::Path {
-            plan,
-            state: &checkpoint.members[0],
-            path: &path,
-            mode: eio_spec::config::BnMode::Eval,
-        }
-    } else {
-        Target::Ensemble(members)
-    };
+    let target = Target::of_members(members);
     let mut unused = seeds.stream(Stream::Gates, VALIDATION_GATES - 1);
     accuracy(
         &target,
