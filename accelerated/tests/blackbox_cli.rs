@@ -116,6 +116,38 @@ fn a_suite_is_generated_in_shards_resumed_and_scored() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+    // Without --config: the surrogates found in the folder, smallest first, and the first
+    // one's config (its seed too); one job is enough to see the manifest.
+    let found = dir.join("found");
+    ok(&eio()
+        .args([
+            "blackbox",
+            "generate",
+            "--quiet",
+            "--shard",
+            "0/32",
+            "--surrogates",
+        ])
+        .arg(&surrogates)
+        .arg("--out")
+        .arg(&found)
+        .output()
+        .unwrap());
+    let surrogates_of = |suite: &Path| -> (Vec<String>, u64) {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(suite.join("manifest.json")).unwrap())
+                .unwrap();
+        let names = m["surrogates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect();
+        (names, m["seed"].as_u64().unwrap())
+    };
+    assert_eq!(surrogates_of(&found).0, surrogates_of(&whole).0);
+    assert_eq!(surrogates_of(&found).1, 11, "the first surrogate's seed");
+    assert_eq!(surrogates_of(&whole).1, 3, "--config's seed");
     let victim = whole.join(&files[7]);
     let before = job_pixels(&victim);
     std::fs::remove_file(&victim).unwrap();

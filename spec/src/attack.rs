@@ -101,7 +101,9 @@ pub enum Interpolation {
     /// coordinate (i + 0.5)·in/out − 0.5, clamped below at 0; the neighbour index clamped to
     /// the last row/column.
     Bilinear,
-    /// Nearest, PyTorch's `F.interpolate(mode="nearest")`: source index floor(i·in/out).
+    /// Nearest, PyTorch's `F.interpolate(mode="nearest")`: source index
+    /// min(floor(i · f32(in/out)), in − 1), computed in f32 as PyTorch does (a few size pairs
+    /// differ from the exact floor(i·in/out); none at sides 28 and 32 with the default sizes).
     Nearest,
 }
 

@@ -248,14 +248,15 @@ struct SurrogatesArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A folder of `eio blackbox surrogates`: uses every DIR/baseline<size>/model.safetensors of
-    /// blackbox.surrogate_sizes.
+    /// A folder of `eio blackbox surrogates`: the DIR/baseline<size>/model.safetensors of
+    /// --config's blackbox.surrogate_sizes, or without --config every one found, smallest first.
     #[arg(long, required_unless_present = "surrogate")]
     surrogates: Option<PathBuf>,
     /// A surrogate as NAME=MODEL (repeatable, in suite order), e.g. baseline3=runs/b3/model.safetensors.
     #[arg(long, value_name = "NAME=MODEL", conflicts_with = "surrogates")]
     surrogate: Vec<String>,
-    /// Settings of the suite (default: the first surrogate's config); --set blackbox.steps=20 ...
+    /// Settings of the suite: [blackbox], seed (the master seed of the suite's streams and of
+    /// its image subset) and [data]; default: the first surrogate's config, its seed included.
     #[command(flatten)]
     config: OptionalConfigArgs,
     /// The suite folder.
@@ -898,18 +899,41 @@ impl eio_accelerated::blackbox::GenerateProgress for GenerateDisplay {
 fn generate_cmd(a: GenerateArgs, interrupt: &AtomicBool) -> Result<bool> {
     let (device, dtype) = engine(&a.common)?;
     let named: Vec<(String, PathBuf)> = if let Some(dir) = &a.surrogates {
-        let base = match &a.config.config {
-            Some(path) => Config::load(path)?,
-            None => Config::default(),
+        match &a.config.config {
+            // The surrogates the config names, in its order.
+            Some(path) => {
+                experiment::surrogate_configs(&Config::load(path)?.with_overrides(&a.config.set)?)
+                    .into_iter()
+                    .map(|(name, _)| {
+                        let file = dir.join(&name).join("model.safetensors");
+                        (name, file)
+                    })
+                    .collect()
+            }
+            // Every trained baseline<size> of the folder, smallest first.
+            None => {
+                let mut found: Vec<(usize, String, PathBuf)> = std::fs::read_dir(dir)
+                    .with_context(|| format!("--surrogates {}", dir.display()))?
+                    .filter_map(|entry| {
+                        let name = entry.ok()?.file_name().to_string_lossy().into_owned();
+                        let size = name.strip_prefix("baseline")?.parse().ok()?;
+                        let file = dir.join(&name).join("model.safetensors");
+                        file.exists().then_some((size, name, file))
+                    })
+                    .collect();
+                found.sort();
+                if found.is_empty() {
+                    bail!(
+                        "--surrogates {}: no baseline<size>/model.safetensors inside (train them with `eio blackbox surrogates`)",
+                        dir.display()
+                    );
+                }
+                found
+                    .into_iter()
+                    .map(|(_, name, file)| (name, file))
+                    .collect()
+            }
         }
-        .with_overrides(&a.config.set)?;
-        experiment::surrogate_configs(&base)
-            .into_iter()
-            .map(|(name, _)| {
-                let file = dir.join(&name).join("model.safetensors");
-                (name, file)
-            })
-            .collect()
     } else {
         a.surrogate
             .iter()
