@@ -68,6 +68,14 @@ pub enum NormalizerSource {
     Config,
 }
 
+/// Whether a file tensor of shape `file` loads into a plan tensor of shape `plan` as PyTorch's
+/// `Module.load_state_dict` allows: the same shape, or a 1-element 1-dimensional tensor into a
+/// 0-dimensional one (its rule for checkpoints of PyTorch 0.3, and how safetensors conversions
+/// store `num_batches_tracked`).
+fn loads_into(file: &[usize], plan: &[usize]) -> bool {
+    file == plan || (plan.is_empty() && file == [1])
+}
+
 /// A file tensor whose shape differs from the plan's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapeMismatch {
@@ -222,7 +230,7 @@ pub fn import_state_dict(
                 }
                 Some((name, t)) => {
                     used.insert(key.clone());
-                    if t.shape != spec
+                    if !loads_into(&t.shape, &spec)
                         && !shapes.iter().any(|s| s.key == *name && s.param == *param)
                     {
                         shapes.push(ShapeMismatch {

@@ -502,3 +502,33 @@ fn seeded_mutations_are_errors_not_panics() {
     // Some mutations land in tensor data and still parse.
     assert!(accepted > 0);
 }
+
+/// PyTorch's `load_state_dict` loads a 1-element, 1-dimensional tensor into a 0-dimensional
+/// parameter or buffer (its "loading 1-dim tensor from 0.3.*" rule), which is how safetensors
+/// conversions store `num_batches_tracked`; the importer accepts the same, and nothing else.
+#[test]
+fn a_counter_stored_with_shape_one_loads_as_pytorch_loads_it() {
+    let p = plan(2, Sharing::SharedConv);
+    let counter = p
+        .params
+        .iter()
+        .find(|s| s.name.ends_with("num_batches_tracked"))
+        .expect("a BatchNorm counter")
+        .name
+        .clone();
+    let mut ck = authors_checkpoint(&p);
+    ck.remove(&counter);
+    ck.add(&counter, Ty::I64, &[1], vec![531_500.0]);
+    let imported = import(&ck.legacy(Nesting::StateDict), &p).expect("[1] loads into []");
+    assert_eq!(imported.values[&counter], vec![531_500.0]);
+
+    let mut two = authors_checkpoint(&p);
+    two.remove(&counter);
+    two.add(&counter, Ty::I64, &[2], vec![1.0, 2.0]);
+    let (_, _, shapes) = mismatch(import(&two.legacy(Nesting::StateDict), &p).unwrap_err());
+    assert_eq!(shapes.len(), 1, "{shapes:?}");
+    assert_eq!(
+        (shapes[0].file.clone(), shapes[0].plan.clone()),
+        (vec![2], vec![])
+    );
+}

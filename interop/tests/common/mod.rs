@@ -192,7 +192,14 @@ pub enum Nesting {
 
 impl Checkpoint {
     pub fn add(&mut self, name: &str, ty: Ty, shape: &[usize], values: Vec<f64>) {
-        let key = format!("{}", 94_000_000 + self.storages.len());
+        // A key no storage has (not the count: a removed storage would make it collide).
+        let next = self
+            .storages
+            .iter()
+            .filter_map(|s| s.key.parse::<usize>().ok())
+            .max()
+            .map_or(94_000_000, |k| k + 1);
+        let key = next.to_string();
         self.storages.push(StorageData {
             key: key.clone(),
             ty,
