@@ -166,7 +166,7 @@ pub fn phases(config: &Config) -> Vec<(Phase, usize)> {
             (Phase::Pretrain, config.eio.pretrain_epochs),
             (Phase::Main, config.train.epochs),
         ],
-        Method::Baseline | Method::Advt => vec![(Phase::Main, config.train.epochs)],
+        _ => vec![(Phase::Main, config.train.epochs)],
     }
 }
 
@@ -185,17 +185,18 @@ fn first_phase(phases: &[(Phase, usize)]) -> Phase {
 /// network, `model.n = 1`); a device error.
 pub fn start(config: &Config, device: &Device, dtype: DType) -> Result<Checkpoint, TrainError> {
     let plan = config.plan()?;
-    let members = match config.train.method {
-        Method::Baseline => {
-            if config.model.n != 1 {
-                return Err(TrainError::Setup(format!(
-                    "train.method = \"baseline\" trains plain networks: set model.n = 1 (it is {})",
-                    config.model.n
-                )));
-            }
-            config.train.ensemble_size
+    let method = config.train.method;
+    let members = if method.is_ensemble() {
+        if config.model.n != 1 {
+            return Err(TrainError::Setup(format!(
+                "train.method = \"{}\" trains plain networks: set model.n = 1 (it is {})",
+                eio_spec::rivals::method_name(method),
+                config.model.n
+            )));
         }
-        Method::Eio | Method::Advt => 1,
+        config.train.ensemble_size
+    } else {
+        1
     };
     let seeds = Seeds::new(config.seed);
     let states = (0..members)

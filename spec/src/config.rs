@@ -21,6 +21,7 @@ use std::path::{Path as FsPath, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{FeatureSite, Plan};
+pub use crate::rivals::{AdamSettings, AdpConfig, DvergeConfig, GalConfig, Optimizer, TrsConfig};
 use crate::sampler::Infeasible;
 use crate::schedule::LrSchedule;
 
@@ -45,6 +46,10 @@ pub struct Config {
     pub derive: DeriveConfig,
     pub blackbox: BlackboxConfig,
     pub run: RunConfig,
+    pub dverge: DvergeConfig,
+    pub adp: AdpConfig,
+    pub gal: GalConfig,
+    pub trs: TrsConfig,
 }
 
 /// Network families.
@@ -208,6 +213,22 @@ pub enum Method {
     Eio,
     /// PGD adversarial training (Madry et al.) with `train.adv`.
     Advt,
+    /// DVERGE (`[dverge]` and `[distill]`): cross-training on each other member's distilled
+    /// non-robust features.
+    Dverge,
+    /// ADP (`[adp]`): ensemble entropy and the log-det of the members' non-true predictions.
+    Adp,
+    /// GAL (`[gal]`): coherence of the members' input gradients (second order).
+    Gal,
+    /// TRS (`[trs]`): gradient alignment and smoothness (second order).
+    Trs,
+}
+
+impl Method {
+    /// Whether the method trains an ensemble of `train.ensemble_size` plain networks.
+    pub fn is_ensemble(self) -> bool {
+        !matches!(self, Method::Eio | Method::Advt)
+    }
 }
 
 /// L-inf PGD used inside training (AdvT, and EIO's optional adversarial term).
@@ -263,8 +284,12 @@ pub struct TrainConfig {
     pub nesterov: bool,
     /// Coupled weight decay on every parameter. Default 1e-4.
     pub weight_decay: f64,
-    /// Models in a `baseline` ensemble (M). Default 1.
+    /// Members of an ensemble method (`baseline`, `dverge`, `adp`, `gal`, `trs`). Default 1.
     pub ensemble_size: usize,
+    /// The main phase's optimiser. Default `sgd` (paper Sec. 4.1); ADP, GAL and TRS use Adam.
+    pub optimizer: Optimizer,
+    /// Adam's constants, read when `optimizer = "adam"`.
+    pub adam: AdamSettings,
     /// PGD settings of `advt` and of `eio.adversarial_term`.
     pub adv: TrainPgdConfig,
 }
@@ -283,6 +308,8 @@ impl Default for TrainConfig {
             nesterov: false,
             weight_decay: 1e-4,
             ensemble_size: 1,
+            optimizer: Optimizer::Sgd,
+            adam: AdamSettings::default(),
             adv: TrainPgdConfig::default(),
         }
     }
@@ -1083,6 +1110,8 @@ impl Config {
             }
         }
 
+        crate::rivals::validate(self, &mut v);
+
         let dr = &self.derive;
         v.positive("derive.lr", dr.lr);
         if dr.nesterov && t.momentum == 0.0 {
@@ -1125,10 +1154,10 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 
 /// Collects [`FieldError`]s.
 #[derive(Default)]
-struct Validator(Vec<FieldError>);
+pub(crate) struct Validator(Vec<FieldError>);
 
 impl Validator {
-    fn fail(&mut self, field: &str, value: impl fmt::Display, rule: &str) {
+    pub(crate) fn fail(&mut self, field: &str, value: impl fmt::Display, rule: &str) {
         self.0.push(FieldError {
             field: field.to_string(),
             value: value.to_string(),
@@ -1136,31 +1165,31 @@ impl Validator {
         });
     }
 
-    fn at_least(&mut self, field: &str, value: usize, min: usize) {
+    pub(crate) fn at_least(&mut self, field: &str, value: usize, min: usize) {
         if value < min {
             self.fail(field, value, &format!("must be >= {min}"));
         }
     }
 
-    fn range(&mut self, field: &str, value: usize, min: usize, max: usize) {
+    pub(crate) fn range(&mut self, field: &str, value: usize, min: usize, max: usize) {
         if !(min..=max).contains(&value) {
             self.fail(field, value, &format!("is outside {min}..={max}"));
         }
     }
 
-    fn positive(&mut self, field: &str, value: f64) {
+    pub(crate) fn positive(&mut self, field: &str, value: f64) {
         if !(value > 0.0 && value.is_finite()) {
             self.fail(field, value, "must be a finite number > 0");
         }
     }
 
-    fn open_closed(&mut self, field: &str, value: f64, lo: f64, hi: f64) {
+    pub(crate) fn open_closed(&mut self, field: &str, value: f64, lo: f64, hi: f64) {
         if !(value > lo && value <= hi) {
             self.fail(field, value, &format!("is outside ({lo}, {hi}]"));
         }
     }
 
-    fn closed_open(&mut self, field: &str, value: f64, lo: f64, hi: f64) {
+    pub(crate) fn closed_open(&mut self, field: &str, value: f64, lo: f64, hi: f64) {
         if !(value >= lo && value < hi) {
             let hi = if hi.is_infinite() {
                 "inf".to_string()
@@ -1172,7 +1201,7 @@ impl Validator {
     }
 
     /// An epsilon of an evaluation sweep: in [0, 1].
-    fn closed(&mut self, field: &str, index: usize, value: f64) {
+    pub(crate) fn closed(&mut self, field: &str, index: usize, value: f64) {
         if !(0.0..=1.0).contains(&value) {
             self.fail(&format!("{field}[{index}]"), value, "is outside [0, 1]");
         }

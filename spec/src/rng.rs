@@ -46,11 +46,13 @@ pub enum Stream {
     /// Black-box transfer suite generation: random starts, input-diversity draws (index: job
     /// and batch, `eio_spec::blackbox::job_stream_index`).
     Blackbox,
+    /// GAL's Gaussian-noise augmentation (index: iteration, [`crate::noise::gaussian_noise`]).
+    Noise,
 }
 
 impl Stream {
     /// Every stream, in id order.
-    pub const ALL: [Stream; 12] = [
+    pub const ALL: [Stream; 13] = [
         Stream::Init,
         Stream::DataOrder,
         Stream::Augmentation,
@@ -63,6 +65,7 @@ impl Stream {
         Stream::AttackStart,
         Stream::TargetPairing,
         Stream::Blackbox,
+        Stream::Noise,
     ];
 
     /// The ChaCha stream number of this purpose (stable across releases).
@@ -80,6 +83,7 @@ impl Stream {
             Stream::AttackStart => 10,
             Stream::TargetPairing => 11,
             Stream::Blackbox => 12,
+            Stream::Noise => 13,
         }
     }
 }

@@ -162,9 +162,28 @@ pub struct IterationDraw {
     pub paths: Vec<Path>,
 }
 
-/// Algorithm 1 lines 11-12 for iteration `iteration` of epoch `epoch`: l uniform on 1..=L
-/// (from [`crate::rng::Stream::Layer`], split by iteration, or by epoch under
-/// [`crate::config::LayerSchedule::PerEpoch`]), then [`sample_paths`] at depth d(l) from
+/// Algorithm 1 line 11 (and DVERGE's layer draw): l uniform on 1..=L from
+/// [`crate::rng::Stream::Layer`], split by iteration (`per-batch`) or by epoch (`per-epoch`).
+pub fn draw_layer(
+    plan: &crate::plan::Plan,
+    schedule: crate::config::LayerSchedule,
+    seeds: &crate::rng::Seeds,
+    epoch: u64,
+    iteration: u64,
+) -> usize {
+    use crate::config::LayerSchedule;
+    use crate::rng::Stream;
+    let index = match schedule {
+        LayerSchedule::PerBatch => iteration,
+        LayerSchedule::PerEpoch => epoch,
+    };
+    seeds
+        .stream(Stream::Layer, index)
+        .random_range(1..=plan.l())
+}
+
+/// Algorithm 1 lines 11-12 for iteration `iteration` of epoch `epoch`: l from [`draw_layer`]
+/// under `eio.layer_schedule`, then [`sample_paths`] at depth d(l) from
 /// [`crate::rng::Stream::Paths`] split by iteration. `iteration` counts from the start of
 /// training, so every iteration has its own draws.
 ///
@@ -177,15 +196,8 @@ pub fn draw_iteration(
     epoch: u64,
     iteration: u64,
 ) -> Result<IterationDraw, SamplerError> {
-    use crate::config::LayerSchedule;
     use crate::rng::Stream;
-    let layer_index = match eio.layer_schedule {
-        LayerSchedule::PerBatch => iteration,
-        LayerSchedule::PerEpoch => epoch,
-    };
-    let layer = seeds
-        .stream(Stream::Layer, layer_index)
-        .random_range(1..=plan.l());
+    let layer = draw_layer(plan, eio.layer_schedule, seeds, epoch, iteration);
     let depth = plan.layer(layer).depth;
     let mut rng = seeds.stream(Stream::Paths, iteration);
     let paths = sample_paths(&plan.path_space(), depth, eio.p, eio.infeasible, &mut rng)?;
