@@ -7,7 +7,8 @@
 //!   parameter names unchanged, so the file is also a plain model state that
 //!   [`ModelState::load`] and `eio_reference::state::ModelState::load` read. With M > 1 members,
 //!   member m's tensors are `member.<m>.<name>`. SGD momentum buffers are
-//!   `optim.<m>.<name>`. Floats are stored in the dtype the engine ran in (so an f32 run resumes
+//!   `optim.<m>.<name>`; Adam's state is `adam.<m>.exp_avg.<name>`,
+//!   `adam.<m>.exp_avg_sq.<name>` and its step count `adam.<m>.step.<name>` (int64 scalar). Floats are stored in the dtype the engine ran in (so an f32 run resumes
 //!   bit for bit), `num_batches_tracked` as int64 scalars.
 //! * Metadata: the safetensors header's `__metadata__` holds one entry, `eio`, a JSON
 //!   [`CheckpointMeta`]: format version, the resolved config, what the model is (RGN or a
@@ -32,7 +33,7 @@ use eio_spec::{Path, PathSpace};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{Sgd, SgdConfig};
+use crate::optim::{Adam, AdamConfig, AdamParamState, Optimiser, Sgd, SgdConfig};
 use crate::state::ModelState;
 
 /// The format tag written into every checkpoint; bumped on incompatible changes.
@@ -189,7 +190,7 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     pub members: Vec<ModelState>,
     /// One per member when training state is kept; empty for a finished model.
-    pub optimisers: Vec<Sgd>,
+    pub optimisers: Vec<Optimiser>,
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -246,8 +247,30 @@ impl Checkpoint {
             }
         }
         for (m, opt) in self.optimisers.iter().enumerate() {
-            for (name, t) in opt.buffers() {
-                buffers.push(host_tensor(format!("optim.{m}.{name}"), t)?);
+            match opt {
+                Optimiser::Sgd(sgd) => {
+                    for (name, t) in sgd.buffers() {
+                        buffers.push(host_tensor(format!("optim.{m}.{name}"), t)?);
+                    }
+                }
+                Optimiser::Adam(adam) => {
+                    for (name, state) in adam.states() {
+                        buffers.push(host_tensor(
+                            format!("adam.{m}.exp_avg.{name}"),
+                            &state.exp_avg,
+                        )?);
+                        buffers.push(host_tensor(
+                            format!("adam.{m}.exp_avg_sq.{name}"),
+                            &state.exp_avg_sq,
+                        )?);
+                        buffers.push((
+                            format!("adam.{m}.step.{name}"),
+                            Dtype::I64,
+                            vec![],
+                            (state.step as i64).to_le_bytes().to_vec(),
+                        ));
+                    }
+                }
             }
         }
         let views: Vec<(String, TensorView<'_>)> = buffers
@@ -403,20 +426,72 @@ impl Checkpoint {
         }
         let mut optimisers = Vec::new();
         if meta.optimiser {
+            let adam = optimiser_kind(&meta.config, meta.progress.phase) == OptimiserKind::Adam;
             for m in 0..meta.members {
-                let mut buffers = BTreeMap::new();
-                for spec in plan.params.iter().filter(|s| s.role == Role::Learnable) {
-                    let name = format!("optim.{m}.{}", spec.name);
-                    if tensors.tensor(&name).is_ok() {
-                        let v = read(&name, &spec.shape, spec.role)?;
-                        let t =
-                            Tensor::from_vec(v, spec.shape.as_slice(), device)?.to_dtype(dtype)?;
-                        buffers.insert(spec.name.clone(), t);
-                        expected.push(name);
+                let stored = |name: String,
+                              spec: &eio_spec::plan::ParamSpec,
+                              expected: &mut Vec<String>|
+                 -> Result<Option<Tensor>, CheckpointError> {
+                    if tensors.tensor(&name).is_err() {
+                        return Ok(None);
                     }
+                    let v = read(&name, &spec.shape, spec.role)?;
+                    expected.push(name);
+                    Ok(Some(
+                        Tensor::from_vec(v, spec.shape.as_slice(), device)?.to_dtype(dtype)?,
+                    ))
+                };
+                let learnable = plan.params.iter().filter(|s| s.role == Role::Learnable);
+                if adam {
+                    let mut states = BTreeMap::new();
+                    for spec in learnable {
+                        let first = stored(
+                            format!("adam.{m}.exp_avg.{}", spec.name),
+                            spec,
+                            &mut expected,
+                        )?;
+                        let second = stored(
+                            format!("adam.{m}.exp_avg_sq.{}", spec.name),
+                            spec,
+                            &mut expected,
+                        )?;
+                        let step_name = format!("adam.{m}.step.{}", spec.name);
+                        let (Some(exp_avg), Some(exp_avg_sq)) = (first, second) else {
+                            continue;
+                        };
+                        read(&step_name, &[], Role::Counter)?;
+                        let step = counter_value(&tensors, &step_name);
+                        expected.push(step_name.clone());
+                        if step < 1 {
+                            return Err(CheckpointError::BadMetadata {
+                                path: p(),
+                                message: format!("tensor {step_name:?}: Adam step {step} < 1"),
+                            });
+                        }
+                        states.insert(
+                            spec.name.clone(),
+                            AdamParamState {
+                                step: step as u64,
+                                exp_avg,
+                                exp_avg_sq,
+                            },
+                        );
+                    }
+                    optimisers.push(Optimiser::Adam(Adam::with_states(
+                        adam_config(&meta.config, 0.0),
+                        states,
+                    )));
+                } else {
+                    let mut buffers = BTreeMap::new();
+                    for spec in learnable {
+                        let name = format!("optim.{m}.{}", spec.name);
+                        if let Some(t) = stored(name, spec, &mut expected)? {
+                            buffers.insert(spec.name.clone(), t);
+                        }
+                    }
+                    let config = phase_sgd_config(&meta.config, meta.progress.phase, 0.0);
+                    optimisers.push(Optimiser::Sgd(Sgd::with_buffers(config, buffers)));
                 }
-                let config = phase_sgd_config(&meta.config, meta.progress.phase, 0.0);
-                optimisers.push(Sgd::with_buffers(config, buffers));
             }
         }
         let expected: std::collections::HashSet<&str> =
@@ -448,7 +523,7 @@ impl Checkpoint {
         config: &Config,
         model: ModelKind,
         members: Vec<ModelState>,
-        optimisers: Vec<Sgd>,
+        optimisers: Vec<Optimiser>,
         progress: Progress,
         dtype: DType,
     ) -> Self {
@@ -519,6 +594,51 @@ pub fn phase_sgd_config(config: &Config, phase: Phase, lr: f64) -> SgdConfig {
             Phase::Finetune => config.derive.nesterov,
             Phase::Pretrain | Phase::Main | Phase::Done => config.train.nesterov,
         },
+    }
+}
+
+/// Which optimiser a phase of a config runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimiserKind {
+    Sgd,
+    Adam,
+}
+
+/// The main phase runs `train.optimizer`; EIO's pre-training and fine-tuning run SGD.
+pub fn optimiser_kind(config: &Config, phase: Phase) -> OptimiserKind {
+    match (phase, config.train.optimizer) {
+        (Phase::Main, eio_spec::config::Optimizer::Adam) => OptimiserKind::Adam,
+        _ => OptimiserKind::Sgd,
+    }
+}
+
+/// Adam's settings of the main phase at learning rate `lr`: `train.adam` with
+/// `train.weight_decay` as coupled L2 decay.
+pub fn adam_config(config: &Config, lr: f64) -> AdamConfig {
+    let t = &config.train;
+    AdamConfig {
+        lr,
+        beta1: t.adam.beta1,
+        beta2: t.adam.beta2,
+        eps: t.adam.eps,
+        weight_decay: t.weight_decay,
+    }
+}
+
+/// A fresh optimiser for `phase` at learning rate `lr` ([`optimiser_kind`]).
+pub fn phase_optimiser(config: &Config, phase: Phase, lr: f64) -> Optimiser {
+    match optimiser_kind(config, phase) {
+        OptimiserKind::Sgd => Optimiser::Sgd(Sgd::new(phase_sgd_config(config, phase, lr))),
+        OptimiserKind::Adam => Optimiser::Adam(Adam::new(adam_config(config, lr))),
+    }
+}
+
+/// Sets an optimiser to `phase`'s settings at learning rate `lr`, keeping its state (the
+/// schedule's per-epoch update; fine-tuning's own Nesterov switch).
+pub fn configure_optimiser(optimiser: &mut Optimiser, config: &Config, phase: Phase, lr: f64) {
+    match optimiser {
+        Optimiser::Sgd(sgd) => sgd.config = phase_sgd_config(config, phase, lr),
+        Optimiser::Adam(adam) => adam.config = adam_config(config, lr),
     }
 }
 

@@ -104,20 +104,15 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
         if let Some(adv) = adversarial.get(i) {
             inputs.push(adv);
         }
-        let mut loss_i = 0.0;
-        for x in inputs {
-            let (out, trace) = logits(plan, state, path, x, BnMode::Train)?;
-            state.commit(&trace);
-            let (ce, grad) = ops::cross_entropy(&out, &batch.labels)?;
-            loss_i += scale * scalar(&ce)?;
-            total.add(backward(
-                plan,
-                state,
-                &trace,
-                &[(plan.logits(), (grad * scale)?)],
-            )?)?;
-        }
-        path_losses.push(loss_i);
+        path_losses.push(cross_train(
+            plan,
+            state,
+            path,
+            &inputs,
+            &batch.labels,
+            scale,
+            &mut total,
+        )?);
     }
     sgd_step(plan, state, optimiser, &total, config.eio.unused_params)?;
     Ok(IterationReport {
@@ -127,6 +122,38 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
         distill_losses,
         sign_ties,
     })
+}
+
+/// Line 20 for one path (DVERGE's cross-training for one member), as
+/// `eio_reference::eio::cross_train`: for each batch of `inputs` in order, a train-mode
+/// forward along `path` whose running statistics are committed, then `scale`·CE(f_P(x),
+/// `labels`). Returns the sum of those terms and adds their gradients into `total`.
+///
+/// # Errors
+/// On a device error.
+pub(crate) fn cross_train(
+    plan: &Plan,
+    state: &mut ModelState,
+    path: &Path,
+    inputs: &[&Tensor],
+    labels: &Tensor,
+    scale: f64,
+    total: &mut Gradients,
+) -> Result<f64> {
+    let mut loss = 0.0;
+    for x in inputs {
+        let (out, trace) = logits(plan, state, path, x, BnMode::Train)?;
+        state.commit(&trace);
+        let (ce, grad) = ops::cross_entropy(&out, labels)?;
+        loss += scale * scalar(&ce)?;
+        total.add(backward(
+            plan,
+            state,
+            &trace,
+            &[(plan.logits(), (grad * scale)?)],
+        )?)?;
+    }
+    Ok(loss)
 }
 
 /// What one clean training step did.

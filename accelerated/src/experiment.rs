@@ -273,10 +273,11 @@ pub fn derive(
         checkpoint.members.push(state);
         checkpoint
             .optimisers
-            .push(crate::optim::Sgd::new(crate::checkpoint::sgd_config(
+            .push(crate::checkpoint::phase_optimiser(
                 &derived_config,
+                crate::checkpoint::Phase::Finetune,
                 derived_config.derive.lr,
-            )));
+            ));
     }
     checkpoint.meta.members = checkpoint.members.len();
     Ok(checkpoint)
@@ -791,6 +792,35 @@ pub fn baseline_config(config: &Config) -> Config {
     b
 }
 
+/// DVERGE's start (`--init-from`): for a `dverge` rival with an empty `dverge.init_from`, the
+/// first `train.ensemble_size` members of the run's baseline ensemble (DVERGE starts from the
+/// trained baseline of the same size), written to `init.safetensors` in the rival's folder;
+/// `None` for other methods, a set `init_from`, or a baseline with fewer members or another
+/// model (the rival then starts from fresh weights, as its config says).
+///
+/// # Errors
+/// The file cannot be written.
+pub fn dverge_start(
+    rival: &Config,
+    baseline: &Checkpoint,
+    dir: &RunDir,
+) -> Result<Option<PathBuf>, ExperimentError> {
+    let m = rival.train.ensemble_size;
+    let fits = rival.train.method == Method::Dverge
+        && rival.dverge.init_from.is_empty()
+        && baseline.members.len() >= m
+        && baseline.meta.config.model == rival.model;
+    if !fits {
+        return Ok(None);
+    }
+    let file = dir.root.join("init.safetensors");
+    if !file.exists() {
+        fs::create_dir_all(&dir.root).map_err(RunDir::write_err(&dir.root))?;
+        first_members(baseline, m).save(&file)?;
+    }
+    Ok(Some(file))
+}
+
 /// The path `eio run` derives: drawn uniformly (Eq. 1) from the `Gates` stream at index
 /// [`DERIVE_GATES`].
 pub fn derive_path_draw(config: &Config) -> Result<Path, ExperimentError> {
@@ -953,6 +983,49 @@ pub fn run_pipeline(
             &format!("folded conv+BN pairs; largest logit difference vs unfolded {diff:.2e}"),
         );
     }
+    let mut rivals = Vec::with_capacity(config.run.rivals.len());
+    for rival in &config.run.rivals {
+        let dir = RunDir::new(out.join(&rival.name));
+        let mut rival_config = eio_spec::rivals::rival_config(config, rival)
+            .map_err(|e| ExperimentError::Usage(e.to_string()))?;
+        let init = dverge_start(&rival_config, &trained[0], &dir)?;
+        if let Some(init) = &init {
+            rival_config.dverge.init_from = init.display().to_string();
+        }
+        display.stage(
+            &rival.name,
+            &format!(
+                "train.method = {:?} ({} members, preset {}{}) -> {}",
+                rival_config.train.method,
+                rival_config.train.ensemble_size,
+                rival.preset,
+                init.as_ref().map_or(String::new(), |_| {
+                    ", from the baseline's first members".to_string()
+                }),
+                dir.root.display()
+            ),
+        );
+        let t = std::time::Instant::now();
+        let Some(model) = finished_or_train(
+            &dir,
+            &rival_config,
+            data,
+            device,
+            dtype,
+            display,
+            interrupt,
+            || train::start(&rival_config, device, dtype).map_err(ExperimentError::from),
+        )?
+        else {
+            return Ok(None);
+        };
+        seconds.push((rival.name.clone(), t.elapsed().as_secs_f64()));
+        rivals.push(Evaluated {
+            name: rival.name.clone(),
+            checkpoint: model,
+            path: None,
+        });
+    }
     let t = std::time::Instant::now();
     let Some(surrogate_files) = train_surrogates(
         config,
@@ -1008,6 +1081,7 @@ pub fn run_pipeline(
             path: None,
         })
         .collect();
+    models.extend(rivals);
     models.push(Evaluated {
         name: format!("EIO-derived ({path})"),
         checkpoint: derived,

@@ -8,22 +8,30 @@
 //!
 //! f32 and f64 on the CPU; CUDA with the `cuda` feature, chosen at run time ([`device`]).
 
+pub mod adp;
 pub mod attack;
 pub mod blackbox;
 pub mod checkpoint;
 pub mod derive;
 pub mod device;
 pub mod distill;
+pub mod dverge;
 pub mod eio;
+pub mod ensemble;
 pub mod evaluate;
 pub mod experiment;
+pub mod gal;
+pub mod method;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod pytorch;
 pub mod sanity;
+pub mod second_order;
 pub mod state;
 pub mod train;
+pub mod transfer_matrix;
+pub mod trs;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

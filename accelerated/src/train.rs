@@ -32,21 +32,19 @@ use candle_core::{DType, Device, Tensor};
 use eio_data::feed::{augment_image, augment_stream_index};
 use eio_data::split::below;
 use eio_data::{Augment, AugmentDraw, DataSplits, EpochPlan, Images};
-use eio_spec::config::{Config, Method, PretrainSchedule, UnusedParams};
+use eio_spec::config::{Config, Method, PretrainSchedule};
 use eio_spec::rng::{Seeds, Stream};
-use eio_spec::sampler::draw_iteration;
 use eio_spec::schedule::LrSchedule;
-use eio_spec::{Path, Plan};
+use eio_spec::Plan;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::attack::{pgd_train_mode, AttackSettings, Member, Target};
+use crate::attack::{Member, Target};
 use crate::checkpoint::{
-    phase_sgd_config, sgd_config, Checkpoint, CheckpointError, EpochTotals, ModelKind, Phase,
-    Progress,
+    configure_optimiser, phase_optimiser, Checkpoint, CheckpointError, EpochTotals, ModelKind,
+    Phase, Progress,
 };
-use crate::eio::{clean_step, eq4_iteration, EioBatch};
-use crate::optim::Sgd;
+use crate::method::{Batch, StepContext};
 use crate::state::ModelState;
 use crate::EngineError;
 
@@ -199,13 +197,17 @@ pub fn start(config: &Config, device: &Device, dtype: DType) -> Result<Checkpoin
         1
     };
     let seeds = Seeds::new(config.seed);
-    let states = (0..members)
-        .map(|m| ModelState::init(&plan, &seeds, m as u64, device, dtype))
-        .collect::<Result<Vec<_>, _>>()?;
-    let optimisers = (0..members)
-        .map(|_| Sgd::new(sgd_config(config, config.train.lr)))
-        .collect();
+    let states = if method == Method::Dverge && !config.dverge.init_from.is_empty() {
+        initial_ensemble(config, device, dtype)?
+    } else {
+        (0..members)
+            .map(|m| ModelState::init(&plan, &seeds, m as u64, device, dtype))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     let phase = first_phase(&phases(config));
+    let optimisers = (0..members)
+        .map(|_| phase_optimiser(config, phase, config.train.lr))
+        .collect();
     Ok(Checkpoint::new(
         config,
         ModelKind::Network,
@@ -214,6 +216,38 @@ pub fn start(config: &Config, device: &Device, dtype: DType) -> Result<Checkpoin
         Progress::start(phase),
         dtype,
     ))
+}
+
+/// DVERGE's `--init-from`: the members of the trained ensemble at `dverge.init_from`, which
+/// must hold `train.ensemble_size` members of the same model.
+fn initial_ensemble(
+    config: &Config,
+    device: &Device,
+    dtype: DType,
+) -> Result<Vec<ModelState>, TrainError> {
+    let path = std::path::Path::new(&config.dverge.init_from);
+    let from = Checkpoint::load(path, device, Some(dtype))?;
+    let stored = &from.meta.config;
+    if stored.model != config.model {
+        let differences = crate::checkpoint::config_differences(stored, config)
+            .into_iter()
+            .filter(|d| d.starts_with("model."))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(TrainError::Setup(format!(
+            "dverge.init_from = {}: its model differs from this run's: {differences}",
+            path.display()
+        )));
+    }
+    if from.members.len() != config.train.ensemble_size {
+        return Err(TrainError::Setup(format!(
+            "dverge.init_from = {}: it holds {} member(s), train.ensemble_size is {}",
+            path.display(),
+            from.members.len(),
+            config.train.ensemble_size
+        )));
+    }
+    Ok(from.members)
 }
 
 /// A fine-tuning checkpoint for a derived single-path network (`config.model.n` must be 1):
@@ -233,11 +267,7 @@ pub fn start_finetune(
         config,
         model,
         vec![state],
-        vec![Sgd::new(phase_sgd_config(
-            config,
-            Phase::Finetune,
-            config.derive.lr,
-        ))],
+        vec![phase_optimiser(config, Phase::Finetune, config.derive.lr)],
         Progress::start(phase),
         dtype,
     )
@@ -460,11 +490,12 @@ pub fn train(
         // The whole optimiser setting per phase (fine-tuning has its own Nesterov switch), so
         // an optimiser made elsewhere for this checkpoint steps as the phase says.
         for opt in &mut checkpoint.optimisers {
-            opt.config = phase_sgd_config(&config, phase, lr);
+            configure_optimiser(opt, &config, phase, lr);
         }
+        let method = crate::method::for_phase(config.train.method, phase);
         let target_augment =
             Augment::from_config(&config.data).filter(|_| config.eio.target_augment);
-        let targets = if phase == Phase::Main && config.train.method == Method::Eio {
+        let targets = if method.needs_targets() {
             let mut order: Vec<usize> = (0..data.train.len()).collect();
             order.shuffle(&mut seeds.stream(Stream::TargetPairing, progress.global_epoch as u64));
             order
@@ -492,15 +523,17 @@ pub fn train(
                 }
                 Some(to_tensors(t.pixels, t.labels, &data.train, device, dtype)?.0)
             };
-            let step = Step {
+            let ctx = StepContext {
                 config: &config,
                 plan: &plan,
                 seeds: &seeds,
                 phase,
+                epoch: progress.epoch,
+                epochs,
                 global_epoch: progress.global_epoch as u64,
                 iteration,
             };
-            let r = step.run(checkpoint, x, y, target)?;
+            let r = method.step(&ctx, checkpoint, Batch { x, y, target })?;
             let seconds = started.elapsed().as_secs_f64();
             let totals = &mut checkpoint.meta.progress.totals;
             totals.loss_sum += r.loss * n as f64;
@@ -607,125 +640,5 @@ fn augment_targets<R: rand::RngCore + ?Sized>(images: &mut Images, augment: Augm
     for (k, draw) in draws.into_iter().enumerate() {
         augment_image(images.image(k), shape, augment.padding, draw, &mut out);
         images.pixels[k * l..(k + 1) * l].copy_from_slice(&out);
-    }
-}
-
-/// What one batch did.
-struct StepResult {
-    loss: f64,
-    correct: usize,
-    counted: usize,
-    distill: Option<f64>,
-    sign_ties: usize,
-}
-
-/// One training batch of some phase and method, with its random draws.
-struct Step<'a> {
-    config: &'a Config,
-    plan: &'a Plan,
-    seeds: &'a Seeds,
-    phase: Phase,
-    global_epoch: u64,
-    iteration: u64,
-}
-
-impl Step<'_> {
-    /// Pre-training and AdvT of an RGN: one path per batch from `Gates` (Algorithm 1 line 4);
-    /// a plain network: its only path.
-    fn path(&self) -> Path {
-        if self.config.model.n > 1 {
-            self.plan
-                .path_space()
-                .sample(&mut self.seeds.stream(Stream::Gates, self.iteration))
-        } else {
-            Checkpoint::plain_path(self.plan)
-        }
-    }
-
-    fn run(
-        &self,
-        checkpoint: &mut Checkpoint,
-        x: Tensor,
-        y: Tensor,
-        target: Option<Tensor>,
-    ) -> Result<StepResult, TrainError> {
-        let (config, plan) = (self.config, self.plan);
-        let n = y.dims1()?;
-        let unused = config.eio.unused_params;
-        let single = |r: crate::eio::StepReport| StepResult {
-            loss: r.loss,
-            correct: r.correct,
-            counted: n,
-            distill: None,
-            sign_ties: 0,
-        };
-        let (state, opt) = (&mut checkpoint.members[0], &mut checkpoint.optimisers[0]);
-        Ok(match (self.phase, config.train.method, target) {
-            (Phase::Main, Method::Eio, Some(target)) => {
-                let draw = draw_iteration(
-                    plan,
-                    &config.eio,
-                    self.seeds,
-                    self.global_epoch,
-                    self.iteration,
-                )?;
-                let report = eq4_iteration(
-                    plan,
-                    state,
-                    opt,
-                    config,
-                    &EioBatch {
-                        source: x,
-                        labels: y,
-                        target,
-                    },
-                    &draw,
-                    &mut self.seeds.stream(Stream::DistillStart, self.iteration),
-                )?;
-                let p = report.path_losses.len().max(1) as f64;
-                StepResult {
-                    loss: report.path_losses.iter().sum::<f64>() / p,
-                    correct: 0,
-                    counted: 0,
-                    distill: Some(report.distill_losses.iter().sum::<f64>() / p),
-                    sign_ties: report.sign_ties,
-                }
-            }
-            (Phase::Pretrain, _, _) => {
-                let path = self.path();
-                single(clean_step(plan, state, opt, &path, &x, &y, unused)?)
-            }
-            (Phase::Main, Method::Advt, _) => {
-                // Madry et al.: PGD examples made in train-mode BN, then a clean step on them.
-                let path = self.path();
-                let settings = AttackSettings::training(&config.train.adv, config.eval.cw_kappa);
-                let mut rng = self.seeds.stream(Stream::DistillStart, self.iteration);
-                let adv = pgd_train_mode(plan, state, &path, &x, &y, &settings, &mut rng)?;
-                single(clean_step(plan, state, opt, &path, &adv, &y, unused)?)
-            }
-            _ => {
-                // Baseline members and fine-tuning: every member on its only path.
-                let path = Checkpoint::plain_path(plan);
-                let mut result = StepResult {
-                    loss: 0.0,
-                    correct: 0,
-                    counted: 0,
-                    distill: None,
-                    sign_ties: 0,
-                };
-                let m = checkpoint.members.len() as f64;
-                for (state, opt) in checkpoint
-                    .members
-                    .iter_mut()
-                    .zip(checkpoint.optimisers.iter_mut())
-                {
-                    let r = clean_step(plan, state, opt, &path, &x, &y, UnusedParams::Step)?;
-                    result.loss += r.loss / m;
-                    result.correct += r.correct;
-                    result.counted += n;
-                }
-                result
-            }
-        })
     }
 }

@@ -319,7 +319,7 @@ pub fn pgd_train_mode<R: Rng + ?Sized>(
 }
 
 /// One projected sign step: clamp(clamp(a + α·sign(g), x − ε, x + ε), 0, 1).
-fn step(
+pub(crate) fn step(
     adv: &Array4<f64>,
     grad: &Array4<f64>,
     x: &Array4<f64>,
@@ -337,7 +337,12 @@ fn step(
 }
 
 /// The PGD start: clamp(x + U(−ε, ε), 0, 1), or x itself.
-fn start<R: Rng + ?Sized>(x: &Array4<f64>, eps: f64, random: bool, rng: &mut R) -> Array4<f64> {
+pub(crate) fn start<R: Rng + ?Sized>(
+    x: &Array4<f64>,
+    eps: f64,
+    random: bool,
+    rng: &mut R,
+) -> Array4<f64> {
     if random {
         let noise = eio_spec::rng::uniform_start(x.len(), eps, rng);
         let noise = Array4::from_shape_vec(x.raw_dim(), noise).expect("one draw per element");

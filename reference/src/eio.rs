@@ -127,16 +127,15 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
         if let Some(adv) = adversarial.get(i) {
             inputs.push(adv);
         }
-        let mut loss_i = 0.0;
-        for x in inputs {
-            let (out, trace) = logits(plan, state, path, x, BnMode::Train);
-            state.commit(&trace);
-            let ce = cross_entropy(&out, &batch.labels);
-            loss_i += scale * ce.value;
-            let seed = (ce.grad * scale).into_dyn();
-            total.add(backward(plan, state, &trace, &[(plan.logits(), seed)]));
-        }
-        path_losses.push(loss_i);
+        path_losses.push(cross_train(
+            plan,
+            state,
+            path,
+            &inputs,
+            &batch.labels,
+            scale,
+            &mut total,
+        ));
     }
     sgd_step(plan, state, optimiser, &total, config.eio.unused_params);
     IterationReport {
@@ -146,6 +145,31 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
         distill_losses,
         sign_ties,
     }
+}
+
+/// Line 20 for one path (DVERGE's cross-training for one member): for each batch of `inputs`
+/// in order, a train-mode forward along `path` whose running statistics are committed, then
+/// `scale`·CE(f_P(x), `labels`) (batch mean). Returns the sum of those terms and adds their
+/// gradients into `total` (the sum over passes, line 22).
+pub(crate) fn cross_train(
+    plan: &Plan,
+    state: &mut ModelState,
+    path: &Path,
+    inputs: &[&Array4<f64>],
+    labels: &[usize],
+    scale: f64,
+    total: &mut Gradients,
+) -> f64 {
+    let mut loss = 0.0;
+    for x in inputs {
+        let (out, trace) = logits(plan, state, path, x, BnMode::Train);
+        state.commit(&trace);
+        let ce = cross_entropy(&out, labels);
+        loss += scale * ce.value;
+        let seed = (ce.grad * scale).into_dyn();
+        total.add(backward(plan, state, &trace, &[(plan.logits(), seed)]));
+    }
+    loss
 }
 
 /// Algorithm 1 lines 4-5: train one path on a clean batch (train-mode BN, batch-mean CE), then

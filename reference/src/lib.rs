@@ -7,10 +7,15 @@
 //! [`model::backward_with`]). Everything the paper decides (architecture, gates,
 //! paths, layers, random draws, the verdict rule) comes from `eio-spec`; this crate does the
 //! tensor math, in f64 with plain loops and hand-written gradients.
+pub mod adp;
+pub mod alignment;
 pub mod attack;
 pub mod distill;
+pub mod dverge;
 pub mod eio;
+pub mod ensemble;
 pub mod evaluate;
+pub mod gal;
 pub mod grad_check;
 pub mod input_diversity;
 pub mod loss;
@@ -18,4 +23,7 @@ pub mod model;
 pub mod momentum;
 pub mod ops;
 pub mod optim;
+pub mod second_order;
 pub mod state;
+pub mod transfer_matrix;
+pub mod trs;

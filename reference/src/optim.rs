@@ -369,3 +369,72 @@ impl Adam {
         }
     }
 }
+
+/// The main phase's optimiser of one model or ensemble member, as `train.optimizer` picks it
+/// (`eio_spec::config::Optimizer`): [`Sgd`] (DVERGE, Baseline, EIO) or [`Adam`] (ADP, GAL,
+/// TRS). One Adam over all members, as DVERGE's ADP and GAL ports build it, is exactly one
+/// [`Adam`] per member: Adam acts on each parameter alone, and every member steps at every
+/// iteration, so the step counts agree.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Optimiser {
+    Sgd(Sgd),
+    Adam(Adam),
+}
+
+impl Optimiser {
+    /// A fresh optimiser of `config.train.optimizer` at learning rate `lr` (the caller's
+    /// schedule decides it): SGD with `train.momentum`, `train.nesterov` and
+    /// `train.weight_decay` (DVERGE's `get_optimizers`: 0.9, no Nesterov, 1e-4), or Adam with
+    /// `train.adam` (betas, eps) and `train.weight_decay` as coupled L2 decay
+    /// (`torch.optim.Adam(weight_decay=...)`, not AdamW; ADP's and GAL's ports: 1e-4, eps
+    /// 1e-7).
+    ///
+    /// # Panics
+    /// As [`Sgd::new`] / [`Adam::new`], never for a validated config and `lr >= 0`.
+    pub fn for_config(config: &eio_spec::config::Config, lr: f64) -> Self {
+        let t = &config.train;
+        match t.optimizer {
+            eio_spec::config::Optimizer::Sgd => Optimiser::Sgd(Sgd::new(SgdConfig {
+                lr,
+                momentum: t.momentum,
+                weight_decay: t.weight_decay,
+                nesterov: t.nesterov,
+            })),
+            eio_spec::config::Optimizer::Adam => Optimiser::Adam(Adam::new(AdamConfig {
+                lr,
+                beta1: t.adam.beta1,
+                beta2: t.adam.beta2,
+                eps: t.adam.eps,
+                weight_decay: t.weight_decay,
+            })),
+        }
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            Optimiser::Sgd(o) => o.config.lr,
+            Optimiser::Adam(o) => o.config.lr,
+        }
+    }
+
+    /// Sets the learning rate (a schedule's step); the state is kept.
+    pub fn set_lr(&mut self, lr: f64) {
+        match self {
+            Optimiser::Sgd(o) => o.config.lr = lr,
+            Optimiser::Adam(o) => o.config.lr = lr,
+        }
+    }
+
+    /// One update of parameter `name`: [`Sgd::step_param`] or [`Adam::step_param`].
+    /// `grad == None` leaves `param` and its state untouched.
+    ///
+    /// # Panics
+    /// As the optimiser's own `step_param`.
+    pub fn step_param(&mut self, name: &str, param: &mut ArrayD<f64>, grad: Option<&ArrayD<f64>>) {
+        match self {
+            Optimiser::Sgd(o) => o.step_param(name, param, grad),
+            Optimiser::Adam(o) => o.step_param(name, param, grad),
+        }
+    }
+}

@@ -568,6 +568,9 @@ pub struct RunConfig {
     pub table_black_eps: f64,
     /// White-box radius of the Table 1 column. Default 0.01.
     pub table_white_eps: f64,
+    /// Rival methods trained and judged beside EIO and the baselines under the same data and
+    /// evaluation (`[[run.rivals]]` tables; [`crate::rivals::rival_config`]). Default none.
+    pub rivals: Vec<crate::rivals::RivalRun>,
 }
 
 impl Default for RunConfig {
@@ -576,6 +579,7 @@ impl Default for RunConfig {
             baselines: vec![3, 5, 8],
             table_black_eps: 0.03,
             table_white_eps: 0.01,
+            rivals: Vec::new(),
         }
     }
 }
@@ -773,16 +777,35 @@ pub enum Preset {
     Quick,
     /// The paper's setting for VGG-16 (Sec. 4.1, Fig. 4: eps_d = 0.03).
     Vgg16,
+    /// DVERGE with 3 ResNet-20 members, as its public code trains them (`train.method =
+    /// "dverge"`; the paper's Table 1 rival).
+    Dverge3,
+    /// DVERGE with 5 members.
+    Dverge5,
+    /// DVERGE with 8 members.
+    Dverge8,
+    /// ADP with 3 members, DVERGE's port.
+    Adp3,
+    /// GAL with 3 members, DVERGE's port.
+    Gal3,
+    /// TRS with 3 members, its public code (a rival beyond the paper).
+    Trs3,
 }
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 5] = [
+    pub const ALL: [Preset; 11] = [
         Preset::Paper,
         Preset::Official,
         Preset::Dverge,
         Preset::Quick,
         Preset::Vgg16,
+        Preset::Dverge3,
+        Preset::Dverge5,
+        Preset::Dverge8,
+        Preset::Adp3,
+        Preset::Gal3,
+        Preset::Trs3,
     ];
 
     /// Its name, which is also its file stem in `configs/`.
@@ -793,6 +816,12 @@ impl Preset {
             Preset::Dverge => "dverge",
             Preset::Quick => "quick",
             Preset::Vgg16 => "vgg16",
+            Preset::Dverge3 => "dverge-3",
+            Preset::Dverge5 => "dverge-5",
+            Preset::Dverge8 => "dverge-8",
+            Preset::Adp3 => "adp-3",
+            Preset::Gal3 => "gal-3",
+            Preset::Trs3 => "trs-3",
         }
     }
 
@@ -809,6 +838,12 @@ impl Preset {
             Preset::Dverge => include_str!("../../configs/dverge.toml"),
             Preset::Quick => include_str!("../../configs/quick.toml"),
             Preset::Vgg16 => include_str!("../../configs/vgg16.toml"),
+            Preset::Dverge3 => include_str!("../../configs/dverge-3.toml"),
+            Preset::Dverge5 => include_str!("../../configs/dverge-5.toml"),
+            Preset::Dverge8 => include_str!("../../configs/dverge-8.toml"),
+            Preset::Adp3 => include_str!("../../configs/adp-3.toml"),
+            Preset::Gal3 => include_str!("../../configs/gal-3.toml"),
+            Preset::Trs3 => include_str!("../../configs/trs-3.toml"),
         }
     }
 

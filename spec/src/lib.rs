@@ -30,6 +30,7 @@ pub mod sampler;
 pub mod sampler_check;
 pub mod sanity;
 pub mod schedule;
+pub mod transfer_matrix;
 pub mod verdict;
 
 pub use config::{Config, Preset};

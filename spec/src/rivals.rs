@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::LayerSchedule;
+use crate::config::{Config, ConfigError, LayerSchedule};
+use crate::Preset;
 
 /// The optimiser of the main phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -54,6 +55,9 @@ pub struct DvergeConfig {
     /// DVERGE's `--plus-adv`: add CE on PGD examples (`train.adv`, random start, train-mode
     /// BN) made against member i alone to member i's loss. Default false.
     pub plus_adv: bool,
+    /// DVERGE's `--dverge-coeff`: with `plus_adv`, member i's loss is
+    /// coeff · Σ_{j≠i} CE(f_i(x'_j), y_s) + CE(f_i(x_adv,i), y_s). Default 1.0.
+    pub coeff: f64,
     /// DVERGE's `--init-from`: a checkpoint of a trained baseline ensemble of the same size
     /// and model to start from (the public code always starts there; its "from scratch"
     /// option is broken). Empty: start from fresh weights. A relative path is resolved
@@ -66,6 +70,7 @@ impl Default for DvergeConfig {
         DvergeConfig {
             layer_schedule: LayerSchedule::PerEpoch,
             plus_adv: false,
+            coeff: 1.0,
             init_from: String::new(),
         }
     }
@@ -145,12 +150,17 @@ pub struct TrsConfig {
     /// That PGD's radius at epoch 0 (`--init-eps`), annealed linearly to `adv_eps`.
     /// Default 0.1.
     pub init_eps: f64,
-    /// The radius reached at the last epoch (`--adv-eps`). Default 0.2.
+    /// The radius the annealing heads for (`--adv-eps`; the last epoch uses
+    /// init_eps + (adv_eps − init_eps)·(E − 1)/E). Default 0.2.
     pub adv_eps: f64,
     /// That PGD's steps. Default 6 (`trainer.py PGD`).
     pub pgd_steps: usize,
     /// Its step size as a fraction of the radius. Default 1/3 (`alpha = eps / 3.`).
     pub pgd_step_fraction: f64,
+    /// Step along the sign of the gradients summed over the PGD's steps so far, as the public
+    /// code does (`adv.grad` is never zeroed inside its loop); false: the current step's
+    /// gradient only. Default true.
+    pub pgd_accumulate: bool,
 }
 
 impl Default for TrsConfig {
@@ -164,6 +174,7 @@ impl Default for TrsConfig {
             adv_eps: 0.2,
             pgd_steps: 6,
             pgd_step_fraction: 1.0 / 3.0,
+            pgd_accumulate: true,
         }
     }
 }
@@ -186,6 +197,21 @@ pub(crate) fn validate(config: &crate::config::Config, v: &mut crate::config::Va
     v.closed_open("train.adam.beta1", t.adam.beta1, 0.0, 1.0);
     v.closed_open("train.adam.beta2", t.adam.beta2, 0.0, 1.0);
     v.positive("train.adam.eps", t.adam.eps);
+    if t.optimizer == Optimizer::Adam
+        && !matches!(
+            t.method,
+            Method::Dverge | Method::Adp | Method::Gal | Method::Trs
+        )
+    {
+        v.fail(
+            "train.optimizer",
+            "\"adam\"",
+            &format!(
+                "is for the rival ensemble methods (dverge, adp, gal, trs); train.method = \"{}\" trains with SGD",
+                method_name(t.method)
+            ),
+        );
+    }
     if t.method.is_ensemble() && config.model.n != 1 {
         v.fail(
             "model.n",
@@ -211,6 +237,7 @@ pub(crate) fn validate(config: &crate::config::Config, v: &mut crate::config::Va
     v.closed_open("adp.beta", a.beta, 0.0, f64::INFINITY);
     v.positive("adp.det_offset", a.det_offset);
     v.positive("adp.log_offset", a.log_offset);
+    v.closed_open("dverge.coeff", config.dverge.coeff, 0.0, f64::INFINITY);
     let g = &config.gal;
     v.closed_open("gal.coherence", g.coherence, 0.0, f64::INFINITY);
     v.positive("gal.log_offset", g.log_offset);
@@ -230,6 +257,34 @@ pub(crate) fn validate(config: &crate::config::Config, v: &mut crate::config::Va
     v.closed_open("trs.adv_eps", r.adv_eps, 0.0, 1.0);
     v.at_least("trs.pgd_steps", r.pgd_steps, 1);
     v.open_closed("trs.pgd_step_fraction", r.pgd_step_fraction, 0.0, 1.0);
+    let mut names = std::collections::BTreeSet::new();
+    for (i, rival) in config.run.rivals.iter().enumerate() {
+        let field = format!("run.rivals[{i}].name");
+        let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if rival.name.is_empty() || !rival.name.chars().all(safe) || rival.name.starts_with('.') {
+            v.fail(
+                &field,
+                format!("{:?}", rival.name),
+                "must be a folder name: letters, digits, '.', '_', '-', not starting with '.'",
+            );
+        } else if ["baseline", "eio", "derived", "surrogates", "suite"]
+            .contains(&rival.name.as_str())
+            || !names.insert(rival.name.clone())
+        {
+            v.fail(
+                &field,
+                format!("{:?}", rival.name),
+                "is used twice or by a stage of `eio run` (baseline, eio, derived, surrogates, suite)",
+            );
+        }
+        if let Err(e) = rival_config(config, rival) {
+            v.fail(
+                &format!("run.rivals[{i}]"),
+                format!("{:?}", rival.name),
+                &e.to_string(),
+            );
+        }
+    }
 }
 
 /// The method's name as written in `train.method`.
@@ -244,4 +299,54 @@ pub fn method_name(method: crate::config::Method) -> &'static str {
         Method::Gal => "gal",
         Method::Trs => "trs",
     }
+}
+
+/// One rival of `eio run` (`[[run.rivals]]`): a method trained from a preset's settings under
+/// the run's data and evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RivalRun {
+    /// Its name in the report and its folder under the run (letters, digits, `.`, `_`, `-`),
+    /// e.g. `"ADP-3"`.
+    pub name: String,
+    /// The preset whose method settings it trains with, e.g. `"adp-3"`.
+    pub preset: String,
+    /// `key=value` assignments applied last (the run's scale: epochs, milestones, ...).
+    #[serde(default)]
+    pub set: Vec<String>,
+}
+
+/// The config a rival trains with: the preset's, with the run's `seed`, `[data]`, `[eval]`,
+/// `[blackbox]` and `[run]` (without rivals), the run's model as a plain network (`n = 1`)
+/// with the preset's activation (GAL's LeakyReLU), then the rival's `set` assignments.
+///
+/// # Errors
+/// An unknown preset, or an assignment that does not parse or validate, named with the rival.
+pub fn rival_config(config: &Config, rival: &RivalRun) -> Result<Config, ConfigError> {
+    let preset = Preset::from_name(&rival.preset).ok_or_else(|| ConfigError::Invalid {
+        origin: format!("run.rivals ({})", rival.name),
+        errors: crate::config::FieldErrors(vec![crate::config::FieldError {
+            field: "preset".into(),
+            value: format!("{:?}", rival.preset),
+            rule: format!(
+                "is not a preset (one of {})",
+                Preset::ALL.map(Preset::name).join(", ")
+            ),
+        }]),
+    })?;
+    let mut c = preset.config()?;
+    c.seed = config.seed;
+    c.data = config.data.clone();
+    c.eval = config.eval.clone();
+    c.blackbox = config.blackbox.clone();
+    c.run = crate::config::RunConfig {
+        rivals: Vec::new(),
+        ..config.run.clone()
+    };
+    let (activation, slope) = (c.model.activation, c.model.leaky_slope);
+    c.model = config.model.clone();
+    c.model.n = 1;
+    c.model.activation = activation;
+    c.model.leaky_slope = slope;
+    c.with_overrides(&rival.set)
 }

@@ -160,7 +160,7 @@ mod tests {
     #[test]
     fn stream_ids_are_unique_and_stable() {
         let ids: Vec<u64> = Stream::ALL.iter().map(|s| s.id()).collect();
-        assert_eq!(ids, (1..=12).collect::<Vec<u64>>());
+        assert_eq!(ids, (1..=13).collect::<Vec<u64>>());
     }
 
     #[test]

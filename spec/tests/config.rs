@@ -3,10 +3,21 @@
 //! `tests/preset_sources.rs`.
 
 use eio_spec::config::{
-    Arch, BnMode, Dataset, LossScale, PretrainSchedule, Sharing, UnusedParams, VggGating,
+    Activation, Arch, BnMode, Dataset, LayerSchedule, LossScale, Method, Optimizer,
+    PretrainSchedule, Sharing, UnusedParams, VggGating,
 };
 use eio_spec::plan::FeatureSite;
 use eio_spec::{Config, Preset};
+
+/// The presets that train a rival method (`spec/SPEC.md`, "Rival methods").
+const RIVAL_PRESETS: [Preset; 6] = [
+    Preset::Dverge3,
+    Preset::Dverge5,
+    Preset::Dverge8,
+    Preset::Adp3,
+    Preset::Gal3,
+    Preset::Trs3,
+];
 
 /// A separate check from the source tables: `Config::default` is the paper's preset, so a
 /// config file that omits a field gets the paper's value.
@@ -49,6 +60,149 @@ fn only_the_authors_code_uses_nesterov() {
     assert!(!Preset::Vgg16.config().unwrap().train.nesterov);
     assert!(Preset::Official.config().unwrap().train.nesterov);
     assert!(Preset::Dverge.config().unwrap().train.nesterov);
+    for preset in RIVAL_PRESETS {
+        assert!(
+            !preset.config().unwrap().train.nesterov,
+            "{}: no Nesterov in DVERGE's or TRS's code",
+            preset.name()
+        );
+    }
+}
+
+/// Outside the fields their method reads, the rival presets are `paper` (DVERGE's evaluation
+/// protocol, the paper's data), with plain ResNet-20 members.
+#[test]
+fn rival_presets_are_the_paper_outside_their_method() {
+    let paper = Preset::Paper.config().unwrap();
+    for preset in RIVAL_PRESETS {
+        let c = preset.config().unwrap();
+        let name = preset.name();
+        assert!(c.train.method.is_ensemble(), "{name}");
+        assert_eq!(c.model.n, 1, "{name}: plain members");
+        assert_eq!(
+            c.plan().unwrap().parameter_count(),
+            272_474,
+            "{name}: ResNet-20"
+        );
+        let mut reset = c.clone();
+        reset.model.n = paper.model.n;
+        reset.model.activation = paper.model.activation;
+        reset.train = paper.train.clone();
+        reset.dverge = paper.dverge.clone();
+        reset.adp = paper.adp.clone();
+        reset.gal = paper.gal.clone();
+        reset.trs = paper.trs.clone();
+        assert_eq!(reset, paper, "{name}");
+        // Only the method's own section differs from the defaults.
+        let own = c.train.method;
+        assert!(own == Method::Dverge || c.dverge == paper.dverge, "{name}");
+        assert!(own == Method::Adp || c.adp == paper.adp, "{name}");
+        assert!(own == Method::Gal || c.gal == paper.gal, "{name}");
+        assert!(own == Method::Trs || c.trs == paper.trs, "{name}");
+        assert_eq!(
+            c.model.activation == Activation::LeakyRelu,
+            own == Method::Gal,
+            "{name}: LeakyReLU is GAL's"
+        );
+    }
+}
+
+#[test]
+fn dverge_presets_train_as_dverges_code() {
+    for (preset, members) in [
+        (Preset::Dverge3, 3),
+        (Preset::Dverge5, 5),
+        (Preset::Dverge8, 8),
+    ] {
+        let c = preset.config().unwrap();
+        let name = preset.name();
+        assert_eq!(c.train.method, Method::Dverge, "{name}");
+        assert_eq!(c.train.ensemble_size, members, "{name}");
+        assert_eq!(c.train.optimizer, Optimizer::Sgd, "{name}");
+        assert_eq!(
+            (c.train.lr, c.train.momentum, c.train.weight_decay),
+            (0.1, 0.9, 1e-4),
+            "{name}"
+        );
+        assert_eq!(
+            (c.train.epochs, c.train.milestones.clone()),
+            (200, vec![100, 150])
+        );
+        assert_eq!(c.dverge.layer_schedule, LayerSchedule::PerEpoch, "{name}");
+        assert!(!c.dverge.plus_adv, "{name}");
+        assert_eq!(c.dverge.init_from, "", "{name}: the pipeline fills it");
+        // DVERGE's distillation, which the paper adopts.
+        let d = &c.distill;
+        assert_eq!((d.eps, d.steps, d.step_fraction), (0.07, 10, 0.1), "{name}");
+        assert!(d.momentum && !d.random_start, "{name}");
+        assert_eq!(d.bn_mode, BnMode::Train, "{name}");
+        assert_eq!(d.feature, FeatureSite::BeforeRelu, "{name}");
+    }
+}
+
+#[test]
+fn adp_gal_trs_presets_use_adam_as_their_code() {
+    for preset in [Preset::Adp3, Preset::Gal3, Preset::Trs3] {
+        let c = preset.config().unwrap();
+        let name = preset.name();
+        assert_eq!(c.train.ensemble_size, 3, "{name}");
+        assert_eq!(c.train.optimizer, Optimizer::Adam, "{name}");
+        assert_eq!((c.train.lr, c.train.weight_decay), (1e-3, 1e-4), "{name}");
+        let a = &c.train.adam;
+        assert_eq!((a.beta1, a.beta2, a.eps), (0.9, 0.999, 1e-7), "{name}");
+    }
+    let adp = Preset::Adp3.config().unwrap();
+    assert_eq!(adp.train.method, Method::Adp);
+    assert_eq!(
+        (adp.train.epochs, adp.train.milestones.clone()),
+        (200, vec![100, 150])
+    );
+    assert_eq!((adp.adp.alpha, adp.adp.beta), (2.0, 0.5));
+    assert_eq!((adp.adp.det_offset, adp.adp.log_offset), (1e-6, 1e-20));
+
+    let gal = Preset::Gal3.config().unwrap();
+    assert_eq!(gal.train.method, Method::Gal);
+    assert_eq!(
+        (gal.train.epochs, gal.train.milestones.clone()),
+        (200, vec![100, 150])
+    );
+    assert_eq!(gal.model.activation, Activation::LeakyRelu);
+    assert_eq!(gal.model.leaky_slope, 0.1);
+    assert_eq!(gal.gal.coherence, 0.5);
+    assert_eq!((gal.gal.noise_std, gal.gal.noise_probability), (0.045, 0.5));
+    assert!(gal.gal.second_forward);
+
+    let trs = Preset::Trs3.config().unwrap();
+    assert_eq!(trs.train.method, Method::Trs);
+    assert_eq!(trs.train.epochs, 120);
+    let t = &trs.trs;
+    assert_eq!((t.coeff, t.lamda, t.scale), (2.0, 2.0, 5.0));
+    assert!(t.plus_adv);
+    assert_eq!((t.init_eps, t.adv_eps, t.pgd_steps), (0.1, 0.2, 6));
+    assert_eq!(t.pgd_step_fraction, 1.0 / 3.0);
+}
+
+/// TRS's `train_trs.py` steps `StepLR(step_size=40, gamma=0.1)` as `scheduler.step(epoch)`
+/// after 0-based epoch `epoch`; PyTorch then sets the rate of the next epoch to
+/// lr · gamma^(epoch // 40) (its closed form). `trs-3`'s milestones [41, 81] give the same rate
+/// in every one of the 120 epochs.
+#[test]
+fn trs_milestones_reproduce_steplr_stepped_with_the_epoch() {
+    let c = Preset::Trs3.config().unwrap();
+    let schedule = c.train.schedule();
+    let base = c.train.lr;
+    for epoch in 0..c.train.epochs {
+        let torch = if epoch == 0 {
+            base
+        } else {
+            base * 0.1f64.powi(((epoch - 1) / 40) as i32)
+        };
+        assert!(
+            (schedule.lr(epoch) - torch).abs() <= 1e-15,
+            "epoch {epoch}: {} vs {torch}",
+            schedule.lr(epoch)
+        );
+    }
 }
 
 #[test]

@@ -22,12 +22,13 @@ use serde_json::Value;
 /// The section of SPEC.md that holds the tables.
 const SECTION: &str = "## Presets and their sources";
 
-/// How a source cell may begin: a place in the paper, a file of the authors' or DVERGE's code,
-/// a project note, another preset's row, or a stated eio choice (SPEC.md lists these).
+/// How a source cell may begin: a place in the paper, a file of the authors', DVERGE's or TRS's
+/// code, a project note, another preset's row, or a stated eio choice (SPEC.md lists these).
 const SOURCE_KINDS: &[&str] = &[
     "paper ",
     "authors' ",
     "DVERGE ",
+    "TRS ",
     "rivals.md",
     "protocols.md",
     "official-checkpoint.md",

@@ -13,6 +13,7 @@ use eio_accelerated::eio::{eq4_iteration, pretrain_iteration, EioBatch};
 use eio_accelerated::model::{backward, forward, logits};
 use eio_accelerated::ops;
 use eio_accelerated::optim::{Adam, AdamConfig, Sgd, SgdConfig};
+use eio_accelerated::second_order::{input_gradient, input_gradient_vjp};
 use eio_accelerated::state::ModelState;
 use eio_reference::attack::AttackSettings;
 use eio_spec::attack::{DiversityDraw, Interpolation, SkipGradient};
@@ -24,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::engine::{
     AttackRun, DistillRun, EioIteration, EioRun, Engine, Forward, Grads, Images, IterationReport,
-    Objective, Optimiser, Outcome, Skip, StepGrads, TargetSpec, Values, WhiteBox,
+    Objective, Optimiser, Outcome, SecondOrder, Skip, StepGrads, TargetSpec, Values, WhiteBox,
 };
 
 /// The accelerated engine on `device` in `dtype`.
@@ -265,6 +266,35 @@ impl Engine for Accelerated {
             output: host(trace.output(node)),
             input: g.input.as_ref().map(host).unwrap_or_default(),
             params: g.params.iter().map(|(k, v)| (k.clone(), host(v))).collect(),
+        })
+    }
+
+    fn second_order(
+        &self,
+        plan: &Plan,
+        values: &Values,
+        path: &Path,
+        images: &Images,
+        labels: &[usize],
+        v: &Images,
+        mode: BnMode,
+    ) -> Outcome<SecondOrder> {
+        let s = self.state(plan, values);
+        let labels = self.labels(labels);
+        let ig = ok(
+            input_gradient(plan, &s, path, &self.tensor(images), &labels, mode),
+            "second_order::input_gradient",
+        );
+        let g = ok(
+            input_gradient_vjp(plan, &s, &ig.trace, &labels, &self.tensor(v)),
+            "second_order::input_gradient_vjp",
+        );
+        Ok(SecondOrder {
+            loss: ig.loss,
+            logits: host(&ig.logits),
+            input_grad: host(&ig.grad),
+            params: g.params.iter().map(|(k, v)| (k.clone(), host(v))).collect(),
+            input: g.input.as_ref().map(host).unwrap_or_default(),
         })
     }
 

@@ -116,6 +116,23 @@ pub struct Grads {
     pub params: BTreeMap<String, Vec<f64>>,
 }
 
+/// What the second-order pass of GAL and TRS produced (`second_order::input_gradient` and
+/// `second_order::input_gradient_vjp`): L the batch-mean cross-entropy of the logits,
+/// g = dL/d(input), and for s = ⟨g, v⟩ its gradients with respect to every tensor the pass used
+/// and to the input.
+#[derive(Debug, Clone)]
+pub struct SecondOrder {
+    pub loss: f64,
+    /// The logits, `[N, classes]` row-major.
+    pub logits: Vec<f64>,
+    /// g = dL/d(input), `[N, C, H, W]` row-major.
+    pub input_grad: Vec<f64>,
+    /// ds/d(tensor) for the tensors the pass used, by name.
+    pub params: BTreeMap<String, Vec<f64>>,
+    /// ds/d(input), `[N, C, H, W]` row-major.
+    pub input: Vec<f64>,
+}
+
 /// An optimiser and its hyper-parameters (PyTorch's SGD with dampening 0, or Adam).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Optimiser {
@@ -248,6 +265,22 @@ pub trait Engine {
         mode: BnMode,
         objective: &Objective,
     ) -> Outcome<Grads>;
+
+    /// The cross-entropy of the logits along `path` (BN in `mode`) against `labels`, its
+    /// input gradient g, and the gradients of s = ⟨g, `v`⟩ (`v` the images' shape) with respect
+    /// to every tensor the pass used and to the input (`second_order`). The running statistics
+    /// of a train-mode pass are not committed.
+    #[allow(clippy::too_many_arguments)]
+    fn second_order(
+        &self,
+        plan: &Plan,
+        values: &Values,
+        path: &Path,
+        images: &Images,
+        labels: &[usize],
+        v: &Images,
+        mode: BnMode,
+    ) -> Outcome<SecondOrder>;
 
     /// Runs `optimiser` over the plan's learnable tensors (initial values `params`) for one
     /// step per entry of `steps`, returning the learnable tensors after each step.

@@ -9,6 +9,7 @@ use eio_reference::input_diversity::{input_diversity, input_diversity_backward};
 use eio_reference::loss::{cross_entropy, cw_loss, mse_loss};
 use eio_reference::model::{backward, forward, logits};
 use eio_reference::optim::{Adam, AdamConfig, Sgd, SgdConfig};
+use eio_reference::second_order::{input_gradient, input_gradient_vjp};
 use eio_reference::state::ModelState;
 use eio_spec::attack::{DiversityDraw, Interpolation, SkipGradient};
 use eio_spec::config::{AttackLoss, BnMode, Config, DistillConfig, EvalConfig};
@@ -20,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::engine::{
     AttackRun, DistillRun, EioIteration, EioRun, Engine, Forward, Grads, Images, IterationReport,
-    Objective, Optimiser, Outcome, StepGrads, TargetSpec, Values, WhiteBox,
+    Objective, Optimiser, Outcome, SecondOrder, StepGrads, TargetSpec, Values, WhiteBox,
 };
 
 /// The reference engine (f64, CPU).
@@ -186,6 +187,31 @@ impl Engine for Reference {
                 .map(|a| a.iter().copied().collect())
                 .unwrap_or_default(),
             params: g.params.iter().map(|(k, v)| (k.clone(), flat(v))).collect(),
+        })
+    }
+
+    fn second_order(
+        &self,
+        plan: &Plan,
+        values: &Values,
+        path: &Path,
+        images: &Images,
+        labels: &[usize],
+        v: &Images,
+        mode: BnMode,
+    ) -> Outcome<SecondOrder> {
+        let s = state(plan, values);
+        let ig = input_gradient(plan, &s, path, &array(images), labels, mode);
+        let g = input_gradient_vjp(plan, &s, &ig.trace, labels, &array(v));
+        Ok(SecondOrder {
+            loss: ig.loss,
+            logits: ig.logits.iter().copied().collect(),
+            input_grad: ig.grad.iter().copied().collect(),
+            params: g.params.iter().map(|(k, v)| (k.clone(), flat(v))).collect(),
+            input: g
+                .input
+                .map(|a| a.iter().copied().collect())
+                .unwrap_or_default(),
         })
     }
 

@@ -167,9 +167,10 @@ struct EvalArgs {
     /// Model(s) to evaluate; several form an ensemble (mean softmax).
     #[arg(long = "model", required = true)]
     models: Vec<PathBuf>,
-    /// Gate vector for an RGN model, e.g. 0101...
+    /// Gate vector for an RGN model, e.g. 0101... (repeatable with --transfer-matrix: one
+    /// source per path).
     #[arg(long)]
-    path: Option<String>,
+    path: Vec<String>,
     /// Deploy an RGN with random gates at test time (attacked with EOT).
     #[arg(long)]
     random_gates: bool,
@@ -211,7 +212,18 @@ struct EvalArgs {
     /// Override settings, e.g. --set data.path=... or --set eval.batch_size=100.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Where eval.json and eval.csv go (default: beside the first model).
+    /// DVERGE's transferability matrix instead of the accuracy tables: PGD (CE, --eps, default
+    /// 0.03) on each source alone, tested on every source and on their ensemble, over a seeded
+    /// subset of the test images every source classifies correctly; the sources are the
+    /// members of the --model ensemble, or paths of one RGN (--paths K or --path, repeatable).
+    /// Writes transfer-matrix.csv and transfer-matrix.json.
+    #[arg(long)]
+    transfer_matrix: bool,
+    /// With --transfer-matrix on an RGN: K distinct random paths (seeded by the config's seed).
+    #[arg(long, value_name = "K")]
+    paths: Option<usize>,
+    /// Where eval.json and eval.csv (or the transfer matrix's files) go (default: beside the
+    /// first model).
     #[arg(long)]
     out: Option<PathBuf>,
     #[command(flatten)]
@@ -606,6 +618,15 @@ fn load_models(
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<bool> {
+    if a.transfer_matrix {
+        return transfer_matrix_cmd(a);
+    }
+    if a.paths.is_some() {
+        bail!("--paths K chooses the sources of --transfer-matrix: add --transfer-matrix");
+    }
+    if a.path.len() > 1 {
+        bail!("--path is given {} times: several paths are sources of --transfer-matrix; evaluate one path at a time", a.path.len());
+    }
     let (device, dtype) = engine(&a.common)?;
     if !a.transfer_from.is_empty() && a.eps.is_empty() {
         bail!("--transfer-from makes PGD examples: give --eps");
@@ -616,7 +637,12 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
         );
     }
     let pgd = !a.eps.is_empty();
-    let models = load_models(&a.models, &device, dtype, a.path.as_deref())?;
+    let models = load_models(
+        &a.models,
+        &device,
+        dtype,
+        a.path.first().map(String::as_str),
+    )?;
     let sources = load_models(&a.transfer_from, &device, dtype, None)?;
     let mut config = models[0]
         .checkpoint
@@ -691,7 +717,7 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
         .map(|m| m.name.clone())
         .collect::<Vec<_>>()
         .join(" + ");
-    let name = match (&a.path, a.random_gates) {
+    let name = match (a.path.first(), a.random_gates) {
         (Some(p), _) => format!("{name} path {p}"),
         (None, true) => format!("{name} random gates, EOT {}", config.eval.eot_samples),
         _ => name,
@@ -831,6 +857,202 @@ fn eval_cmd(a: EvalArgs) -> Result<bool> {
         started.elapsed().as_secs_f64(),
         out.join("eval.json").display(),
         out.join("eval.csv").display()
+    );
+    Ok(true)
+}
+
+/// `eio eval --transfer-matrix`: DVERGE's transferability matrix
+/// (`eio_accelerated::transfer_matrix`). Sources: every member of every --model (plain
+/// networks), or, for one RGN, the paths of --paths K (`eio_spec::transfer_matrix::random_paths`,
+/// seeded by the config's seed) or of the repeated --path; the last column is the ensemble of
+/// the sources (mean softmax). Writes transfer-matrix.json and transfer-matrix.csv.
+fn transfer_matrix_cmd(a: EvalArgs) -> Result<bool> {
+    use eio_accelerated::attack::Member;
+    use eio_accelerated::transfer_matrix::{self as tm, SourceInfo, TransferError};
+    let unused = [
+        (a.random_gates, "--random-gates"),
+        (a.eot.is_some(), "--eot"),
+        (a.clean, "--clean"),
+        (!a.loss.is_empty(), "--loss"),
+        (!a.transfer_from.is_empty(), "--transfer-from"),
+        (a.blackbox.is_some(), "--blackbox"),
+        (a.convergence_check.is_some(), "--convergence-check"),
+    ];
+    if let Some((_, flag)) = unused.iter().find(|(given, _)| *given) {
+        bail!("--transfer-matrix runs DVERGE's protocol (cross-entropy PGD on each source): {flag} does not apply");
+    }
+    let defaults = tm::TransferSettings::default();
+    let eps = match a.eps.as_slice() {
+        [] => defaults.eps,
+        [eps] => *eps,
+        many => bail!(
+            "--transfer-matrix attacks at one radius: give one --eps (got {})",
+            many.len()
+        ),
+    };
+    let (device, dtype) = engine(&a.common)?;
+    let models = load_models(&a.models, &device, dtype, None)?;
+    let config = models[0]
+        .checkpoint
+        .meta
+        .config
+        .clone()
+        .with_overrides(&a.set)?;
+    config
+        .validate()
+        .map_err(|errors| anyhow::anyhow!("invalid evaluation settings:\n{errors}"))?;
+    let settings = tm::TransferSettings {
+        eps,
+        steps: a.steps.unwrap_or(defaults.steps),
+        restarts: a.restarts.unwrap_or(defaults.restarts),
+        images: a.images.unwrap_or(defaults.images),
+        batch_size: config.eval.batch_size,
+        ..defaults
+    };
+    if let Err(e) = settings.validate() {
+        let flag = match &e {
+            TransferError::BadSetting { field: "eps", .. } => "--eps",
+            TransferError::BadSetting {
+                field: "restarts", ..
+            }
+            | TransferError::TooLarge {
+                what: "restarts", ..
+            } => "--restarts",
+            TransferError::BadSetting {
+                field: "images", ..
+            } => "--images",
+            TransferError::BadSetting {
+                field: "batch_size",
+                ..
+            } => "eval.batch_size",
+            _ => "--transfer-matrix",
+        };
+        bail!("{flag}: {e}");
+    }
+    let seeds = Seeds::new(config.seed);
+    let plans = models
+        .iter()
+        .map(|m| {
+            m.checkpoint
+                .plan()
+                .with_context(|| format!("model {}", m.name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rgn = models
+        .iter()
+        .position(|m| m.checkpoint.meta.config.model.n > 1);
+    let mut paths = Vec::new();
+    let mut origins = Vec::new();
+    if let Some(i) = rgn {
+        let m = &models[i];
+        if models.len() != 1 || m.checkpoint.members.len() != 1 {
+            bail!(
+                "{} is a random gated network: --transfer-matrix takes it as the only --model (its paths are the sources)",
+                m.name
+            );
+        }
+        let space = plans[0].path_space();
+        paths = match (a.paths, a.path.is_empty()) {
+            (Some(_), false) => bail!("give --paths K or --path (repeatable), not both"),
+            (Some(k), true) => eio_spec::transfer_matrix::random_paths(&space, k, &seeds)
+                .with_context(|| format!("--paths {k} of {}", m.name))?,
+            (None, false) => a
+                .path
+                .iter()
+                .map(|p| space.parse(p).with_context(|| format!("--path {p}")))
+                .collect::<Result<Vec<_>>>()?,
+            (None, true) => bail!(
+                "{} is a random gated network (n = {}): choose its source paths with --paths K or --path <gates> (repeatable)",
+                m.name,
+                m.checkpoint.meta.config.model.n
+            ),
+        };
+        origins = (0..paths.len()).map(|p| (0, 0, p)).collect();
+    } else {
+        if a.paths.is_some() || !a.path.is_empty() {
+            bail!(
+                "--paths and --path choose paths of a random gated network; {} holds plain networks (model.n = 1)",
+                models[0].name
+            );
+        }
+        for (i, m) in models.iter().enumerate() {
+            paths.push(eio_accelerated::checkpoint::Checkpoint::plain_path(
+                &plans[i],
+            ));
+            for k in 0..m.checkpoint.members.len() {
+                origins.push((i, k, i));
+            }
+        }
+    }
+    if origins.len() < 2 {
+        bail!(
+            "--transfer-matrix needs at least 2 sources, but {} holds {} network: give an ensemble (a model with several members, or several --model) or an RGN with --paths K",
+            models[0].name,
+            origins.len()
+        );
+    }
+    let members: Vec<Member<'_>> = origins
+        .iter()
+        .map(|&(i, k, p)| Member {
+            plan: &plans[i],
+            state: &models[i].checkpoint.members[k],
+            path: &paths[p],
+        })
+        .collect();
+    let sources: Vec<SourceInfo> = origins
+        .iter()
+        .map(|&(i, k, p)| {
+            let m = &models[i];
+            let label = if rgn.is_some() {
+                format!("path {}", paths[p])
+            } else if models.len() == 1 {
+                format!("member {k}")
+            } else if m.checkpoint.members.len() == 1 {
+                m.name.clone()
+            } else {
+                format!("{} member {k}", m.name)
+            };
+            SourceInfo {
+                label,
+                model: m.name.clone(),
+                member: k,
+                path: paths[p].to_string(),
+            }
+        })
+        .collect();
+    let data = load_data(&config, a.common.quiet)?;
+    let mut display = Display::new(a.common.quiet);
+    let started = Instant::now();
+    let report = tm::run(
+        &members,
+        sources,
+        &data.test,
+        &settings,
+        &seeds,
+        &device,
+        dtype,
+        &mut |b, n| display.eval_progress("transfer matrix", b, n),
+    )?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        a.models[0]
+            .parent()
+            .map_or_else(|| PathBuf::from("."), FsPath::to_path_buf)
+    });
+    let (json, csv) = report.write(&out)?;
+    println!(
+        "attack success rate, eps {}: rows attacked (source), columns tested (target)\n{}",
+        settings.eps, report.matrix
+    );
+    eprintln!(
+        "{} of {} test images correct for every source, {} attacked ({} steps, {} restarts) in {:.1} s; wrote {} and {}",
+        report.all_correct,
+        report.pool,
+        report.subset.len(),
+        settings.steps,
+        settings.restarts,
+        started.elapsed().as_secs_f64(),
+        json.display(),
+        csv.display()
     );
     Ok(true)
 }

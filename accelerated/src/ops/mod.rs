@@ -19,9 +19,15 @@
 //!
 //! Shapes: feature maps are NCHW, vectors `[N, F]`, per-channel tensors `[C]`.
 
+mod alignment;
 mod cpu;
 mod cpu_kernels;
+pub mod rivals;
 mod stock;
+mod tangent;
+
+pub use alignment::{cosine, cosine_backward, COSINE_EPS};
+pub use tangent::*;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use eio_spec::attack::{DiversityDraw, Interpolation};

@@ -307,3 +307,253 @@ pub fn batch_norm2d_backward(
         beta: grad_beta,
     }
 }
+
+/// The tangent (forward-mode derivative) of [`batch_norm2d`]'s output along an input tangent
+/// `u = ẋ` (`tangent`, same shape as the input), at fixed `gamma` and `beta`: the
+/// Jacobian-vector product `ẏ = (dy/dx) u`. With `sigma_c = sqrt(var_c + eps)`, `x_hat` as in
+/// the forward pass and `mean` over the `M = N * H * W` values of channel `c`:
+///
+/// ```text
+/// Train:  ẋ_hat = (u - mean(u) - x_hat * mean(x_hat * u)) / sigma_c
+///         ẏ     = gamma_c * ẋ_hat
+/// Eval:   ẏ     = gamma_c * u / sigma_c          (sigma_c from running_var)
+/// ```
+///
+/// In train mode the batch mean moves by `mean(u)` and `sigma_c` by `mean(x_hat * u)`. The
+/// bias `beta` does not enter the tangent. Used by the reverse-over-forward second-order
+/// gradients (`second_order`).
+///
+/// # Panics
+///
+/// As [`batch_norm2d_backward`], with `tangent` in place of `grad_output`.
+pub fn batch_norm2d_tangent(
+    input: &Array4<f64>,
+    gamma: &Array1<f64>,
+    running: &BnRunningStats,
+    mode: BnMode,
+    eps: f64,
+    tangent: &Array4<f64>,
+) -> Array4<f64> {
+    let stats = ChannelStats::new("batch_norm2d_tangent", input, gamma, running, mode, eps);
+    assert_eq!(
+        input.shape(),
+        tangent.shape(),
+        "batch_norm2d_tangent: tangent shape {:?} != input shape {:?}",
+        tangent.shape(),
+        input.shape()
+    );
+    let (batch, channels, h, w) = input.dim();
+    let mut out = Array4::<f64>::zeros((batch, channels, h, w));
+    for c in 0..channels {
+        let sigma = stats.sigma[c];
+        let (mean_u, mean_xhat_u) = match mode {
+            BnMode::Train => (
+                stats.channel_mean(|n, i, j| tangent[[n, c, i, j]]),
+                stats
+                    .channel_mean(|n, i, j| stats.x_hat(input, n, c, i, j) * tangent[[n, c, i, j]]),
+            ),
+            BnMode::Eval => (0.0, 0.0),
+        };
+        for n in 0..batch {
+            for i in 0..h {
+                for j in 0..w {
+                    let x_hat = stats.x_hat(input, n, c, i, j);
+                    let x_hat_dot = (tangent[[n, c, i, j]] - mean_u - x_hat * mean_xhat_u) / sigma;
+                    out[[n, c, i, j]] = gamma[c] * x_hat_dot;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The gradients, through [`batch_norm2d_tangent`], of a scalar `s` that reads the tangent
+/// output `ẏ` (with `a_bar = ds/dẏ`): the part of a reverse-over-forward backward that flows
+/// from the tangent computation. The usual first-order part (from `ds/dy`) is
+/// [`batch_norm2d_backward`]'s, which the caller adds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNorm2dTangentGrads {
+    /// `ds/dx` through `ẏ(x, u)` at fixed `u`: the second-order term, shape `[N, C, H, W]`
+    /// (zero in [`BnMode::Eval`], where `ẏ` does not depend on `x`).
+    pub input: Array4<f64>,
+    /// `ds/du` (`u = ẋ`, the input tangent), shape `[N, C, H, W]`.
+    pub tangent: Array4<f64>,
+    /// `ds/dgamma` through `ẏ`, shape `[C]` (`beta` does not enter `ẏ`).
+    pub gamma: Array1<f64>,
+}
+
+/// Backward of [`batch_norm2d_tangent`] with respect to the input `x`, the input tangent
+/// `u = ẋ` (`tangent`) and `gamma`, for `ds/dẏ = grad_tangent_output` (written `ẏ_bar`).
+/// With `sigma_c`, `x_hat`, `ẋ_hat` as in [`batch_norm2d_tangent`], `mean` and `sum` over the
+/// `M` values of channel `c`, and `a = gamma_c * ẏ_bar`:
+///
+/// ```text
+/// Eval:   ds/du     = gamma_c * ẏ_bar / sigma_c
+///         ds/dgamma = sum ẏ_bar * u / sigma_c
+///         ds/dx     = 0
+/// Train:  ds/du     = (gamma_c / sigma_c) * (ẏ_bar - mean(ẏ_bar) - x_hat * mean(x_hat * ẏ_bar))
+///         ds/dgamma = sum ẏ_bar * ẋ_hat
+///         ds/dx     = (h - mean(h) - x_hat * mean(h * x_hat)) / sigma_c - (S / sigma_c) * x_hat / M
+///   with  m_u = mean(x_hat * u),  m_a = mean(a * x_hat),  S = sum a * ẋ_hat,
+///         h   = -(a * m_u + m_a * u) / sigma_c
+/// ```
+///
+/// Derivation of the train-mode `ds/dx`: `S = sum a * ẋ_hat = (sum a * (u - mean(u)) -
+/// M * m_u * m_a) / sigma_c` depends on `x` through `x_hat` and `sigma_c`. At fixed `sigma_c`,
+/// `dS/dx_hat = h`; at fixed `x_hat`, `dS/dsigma_c = -S / sigma_c`. The chain rule through
+/// `x_hat = (x - mu) / sigma_c` (the usual BatchNorm input backward applied to `h`) and
+/// `dsigma_c/dx = x_hat / M` gives the formula. `ds/du` is the usual train-mode BatchNorm
+/// input backward applied to `ẏ_bar` (the tangent map is the Jacobian of `y`, whose transpose
+/// that backward is).
+///
+/// # Panics
+///
+/// As [`batch_norm2d_tangent`], and if `grad_tangent_output` and `input` shapes differ.
+pub fn batch_norm2d_tangent_backward(
+    input: &Array4<f64>,
+    gamma: &Array1<f64>,
+    running: &BnRunningStats,
+    mode: BnMode,
+    eps: f64,
+    tangent: &Array4<f64>,
+    grad_tangent_output: &Array4<f64>,
+) -> BatchNorm2dTangentGrads {
+    let what = "batch_norm2d_tangent_backward";
+    let stats = ChannelStats::new(what, input, gamma, running, mode, eps);
+    for (name, t) in [
+        ("tangent", tangent),
+        ("grad_tangent_output", grad_tangent_output),
+    ] {
+        assert_eq!(
+            input.shape(),
+            t.shape(),
+            "{what}: {name} shape {:?} != input shape {:?}",
+            t.shape(),
+            input.shape()
+        );
+    }
+    let (batch, channels, h, w) = input.dim();
+    let mut grad_input = Array4::<f64>::zeros((batch, channels, h, w));
+    let mut grad_tangent = Array4::<f64>::zeros((batch, channels, h, w));
+    let mut grad_gamma = Array1::<f64>::zeros(channels);
+    let m = stats.count;
+    for c in 0..channels {
+        let sigma = stats.sigma[c];
+        let g = gamma[c];
+        let x_hat = |n: usize, i: usize, j: usize| stats.x_hat(input, n, c, i, j);
+        let u = |n: usize, i: usize, j: usize| tangent[[n, c, i, j]];
+        let bar = |n: usize, i: usize, j: usize| grad_tangent_output[[n, c, i, j]];
+        match mode {
+            BnMode::Eval => {
+                let mut sum = 0.0;
+                stats.for_each(|n, i, j| {
+                    grad_tangent[[n, c, i, j]] = g * bar(n, i, j) / sigma;
+                    sum += bar(n, i, j) * u(n, i, j) / sigma;
+                });
+                grad_gamma[c] = sum;
+            }
+            BnMode::Train => {
+                let mean_u = stats.channel_mean(u);
+                let m_u = stats.channel_mean(|n, i, j| x_hat(n, i, j) * u(n, i, j));
+                let x_hat_dot = |n: usize, i: usize, j: usize| {
+                    (u(n, i, j) - mean_u - x_hat(n, i, j) * m_u) / sigma
+                };
+                // ds/du: the first-order BatchNorm input backward of ẏ_bar.
+                let mean_bar = stats.channel_mean(bar);
+                let mean_xhat_bar = stats.channel_mean(|n, i, j| x_hat(n, i, j) * bar(n, i, j));
+                // a = gamma * ẏ_bar, S = sum a * ẋ_hat, m_a = mean(a * x_hat).
+                let a = |n: usize, i: usize, j: usize| g * bar(n, i, j);
+                let m_a = g * mean_xhat_bar;
+                let mut s = 0.0;
+                let mut sum_bar_xhat_dot = 0.0;
+                stats.for_each(|n, i, j| {
+                    grad_tangent[[n, c, i, j]] =
+                        g / sigma * (bar(n, i, j) - mean_bar - x_hat(n, i, j) * mean_xhat_bar);
+                    s += a(n, i, j) * x_hat_dot(n, i, j);
+                    sum_bar_xhat_dot += bar(n, i, j) * x_hat_dot(n, i, j);
+                });
+                grad_gamma[c] = sum_bar_xhat_dot;
+                // h = dS/dx_hat at fixed sigma, then through x_hat(x) and sigma(x).
+                let h_of =
+                    |n: usize, i: usize, j: usize| -(a(n, i, j) * m_u + m_a * u(n, i, j)) / sigma;
+                let mean_h = stats.channel_mean(h_of);
+                let mean_h_xhat = stats.channel_mean(|n, i, j| h_of(n, i, j) * x_hat(n, i, j));
+                stats.for_each(|n, i, j| {
+                    let xh = x_hat(n, i, j);
+                    grad_input[[n, c, i, j]] =
+                        (h_of(n, i, j) - mean_h - xh * mean_h_xhat) / sigma - s / sigma * xh / m;
+                });
+            }
+        }
+    }
+    BatchNorm2dTangentGrads {
+        input: grad_input,
+        tangent: grad_tangent,
+        gamma: grad_gamma,
+    }
+}
+
+/// The per-channel normalising statistics of one pass (batch statistics in train mode, the
+/// running ones in eval mode), for the tangent functions.
+struct ChannelStats {
+    mean: Array1<f64>,
+    /// sqrt(var + eps).
+    sigma: Array1<f64>,
+    /// M = N * H * W.
+    count: f64,
+    dims: (usize, usize, usize),
+}
+
+impl ChannelStats {
+    fn new(
+        what: &str,
+        input: &Array4<f64>,
+        gamma: &Array1<f64>,
+        running: &BnRunningStats,
+        mode: BnMode,
+        eps: f64,
+    ) -> Self {
+        check_shapes(input, gamma, gamma, running);
+        let (batch, _, h, w) = input.dim();
+        let count = batch * h * w;
+        let (mean, var) = match mode {
+            BnMode::Train => {
+                assert!(
+                    count > 1,
+                    "{what}: train mode needs more than 1 value per channel, got N*H*W = {count}"
+                );
+                batch_statistics(input)
+            }
+            BnMode::Eval => (running.running_mean.clone(), running.running_var.clone()),
+        };
+        Self {
+            mean,
+            sigma: var.mapv(|v| (v + eps).sqrt()),
+            count: count as f64,
+            dims: (batch, h, w),
+        }
+    }
+
+    fn x_hat(&self, input: &Array4<f64>, n: usize, c: usize, i: usize, j: usize) -> f64 {
+        (input[[n, c, i, j]] - self.mean[c]) / self.sigma[c]
+    }
+
+    /// Calls `f(n, i, j)` for every position of one channel.
+    fn for_each(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (batch, h, w) = self.dims;
+        for n in 0..batch {
+            for i in 0..h {
+                for j in 0..w {
+                    f(n, i, j);
+                }
+            }
+        }
+    }
+
+    /// The mean of `f(n, i, j)` over one channel's `M` positions (`f` reads the channel).
+    fn channel_mean(&self, f: impl Fn(usize, usize, usize) -> f64) -> f64 {
+        let mut sum = 0.0;
+        self.for_each(|n, i, j| sum += f(n, i, j));
+        sum / self.count
+    }
+}

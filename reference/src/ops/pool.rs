@@ -163,3 +163,37 @@ pub fn global_avg_pool_backward(
     }
     grad
 }
+
+/// The tangent of [`max_pool2x2`] along an input tangent `ẋ` (`tangent`, the input's shape):
+/// `ẏ[n, c, i, j] = ẋ` at the window's argmax of `x` (`input`), the same element, by the same
+/// tie rule, that [`max_pool2x2_backward`] routes the gradient to. The argmax is locally
+/// constant, so this is the Jacobian-vector product wherever the maximum is unique, and the
+/// backward of this tangent map (for reverse-over-forward) is
+/// `max_pool2x2_backward(input, ẏ_bar)`.
+///
+/// # Panics
+///
+/// As [`max_pool2x2`], and if `tangent` and `input` shapes differ.
+pub fn max_pool2x2_tangent(input: &Array4<f64>, tangent: &Array4<f64>) -> Array4<f64> {
+    assert_eq!(
+        input.shape(),
+        tangent.shape(),
+        "max_pool2x2_tangent: tangent shape {:?} != input shape {:?}",
+        tangent.shape(),
+        input.shape()
+    );
+    let (h_out, w_out) = pooled_size(input);
+    let (batch, channels, _, _) = input.dim();
+    let mut out = Array4::<f64>::zeros((batch, channels, h_out, w_out));
+    for n in 0..batch {
+        for c in 0..channels {
+            for i in 0..h_out {
+                for j in 0..w_out {
+                    let (di, dj) = window_argmax(input, n, c, i, j);
+                    out[[n, c, i, j]] = tangent[[n, c, 2 * i + di, 2 * j + dj]];
+                }
+            }
+        }
+    }
+    out
+}
