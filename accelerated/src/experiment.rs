@@ -984,6 +984,21 @@ pub fn run_pipeline(
         );
     }
     let mut rivals = Vec::with_capacity(config.run.rivals.len());
+    let mut costs = vec![
+        MethodCost::of(
+            &format!(
+                "Baseline-{}",
+                config.run.baselines.iter().max().unwrap_or(&1)
+            ),
+            &baseline_config(config),
+            &[out.join("baseline")],
+        ),
+        MethodCost::of(
+            "EIO (pre-training, EIO epochs, fine-tuning)",
+            &eio_config,
+            &[out.join("eio"), out.join("derived")],
+        ),
+    ];
     for rival in &config.run.rivals {
         let dir = RunDir::new(out.join(&rival.name));
         let mut rival_config = eio_spec::rivals::rival_config(config, rival)
@@ -1020,6 +1035,11 @@ pub fn run_pipeline(
             return Ok(None);
         };
         seconds.push((rival.name.clone(), t.elapsed().as_secs_f64()));
+        costs.push(MethodCost::of(
+            &rival.name,
+            &rival_config,
+            std::slice::from_ref(&dir.root),
+        ));
         rivals.push(Evaluated {
             name: rival.name.clone(),
             checkpoint: model,
@@ -1153,10 +1173,24 @@ pub fn run_pipeline(
     };
     write_atomically(
         &md,
-        markdown(config, &report, images.len(), &suite, &timing).as_bytes(),
+        markdown(config, &report, images.len(), &suite, &timing, &costs).as_bytes(),
     )
     .map_err(RunDir::write_err(&md))?;
     Ok(Some(report))
+}
+
+/// The rivals of a run as `name (preset, assignments)`, or "none".
+fn rival_settings(config: &Config) -> String {
+    if config.run.rivals.is_empty() {
+        return "none".into();
+    }
+    config
+        .run
+        .rivals
+        .iter()
+        .map(|r| format!("{} (preset `{}`, `{}`)", r.name, r.preset, r.set.join(" ")))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Wall times of one `eio run` call (stages reused from an earlier call count ~0).
@@ -1192,12 +1226,72 @@ fn finished_or_train(
     }
 }
 
+/// One trained method's row of the report: what it is and what its training cost, summed
+/// from its stages' `metrics.jsonl` (batches only, so a resumed stage counts every epoch once
+/// and the per-epoch accuracy passes are left out).
+struct MethodCost {
+    name: String,
+    method: String,
+    members: usize,
+    epochs: usize,
+    seconds: f64,
+    images: usize,
+}
+
+impl MethodCost {
+    fn of(name: &str, config: &Config, dirs: &[PathBuf]) -> Self {
+        let (mut seconds, mut images, mut epochs) = (0.0, 0, 0);
+        for dir in dirs {
+            let text = fs::read_to_string(RunDir::new(dir).metrics()).unwrap_or_default();
+            for record in text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<EpochRecord>(l).ok())
+            {
+                seconds += record.seconds;
+                images += record.images;
+                epochs += 1;
+            }
+        }
+        MethodCost {
+            name: name.to_string(),
+            method: eio_spec::rivals::method_name(config.train.method).to_string(),
+            members: if config.train.method.is_ensemble() {
+                config.train.ensemble_size
+            } else {
+                1
+            },
+            epochs,
+            seconds,
+            images,
+        }
+    }
+
+    fn table(costs: &[MethodCost]) -> String {
+        let mut out = String::from(
+            "| model | method | members | epochs | training time (s) | images/s |\n|---|---|---|---|---|---|\n",
+        );
+        for c in costs {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {:.0} | {:.1} |\n",
+                c.name,
+                c.method,
+                c.members,
+                c.epochs,
+                c.seconds,
+                c.images as f64 / c.seconds.max(1e-9)
+            ));
+        }
+        out
+    }
+}
+
 fn markdown(
     config: &Config,
     report: &PipelineReport,
     images: usize,
     suite: &crate::blackbox::Suite,
     timing: &PipelineTiming,
+    costs: &[MethodCost],
 ) -> String {
     let eval = &config.eval;
     let bb = &suite.manifest.config;
@@ -1277,6 +1371,11 @@ fn markdown(
          (a fixed seeded subset). Black-box: {} versions per image from surrogates {}; {}; \
          {} steps of eps·{}, losses {}; an image counts as robust only if every version fails.\n\n{}\n\
          Curves over eps: `eval.csv`; per-version accuracies: `eval.json`.\n\n\
+         ## Methods and training cost\n\n\
+         Wall time of the training batches from each stage's `metrics.jsonl` (per-epoch accuracy \
+         passes excluded); `epochs` counts every phase (EIO: pre-training, EIO epochs and \
+         fine-tuning of the derived path; DVERGE continues from the baseline's first members). \
+         Rival settings: {}.\n\n{}\n\
          ## Sanity checks ({breaches} warning(s))\n\n{}\n\n\
          ## Time\n\n{}; total {:.0} s; {per_job}.\n",
         config.data.dataset,
@@ -1305,6 +1404,8 @@ fn markdown(
         bb.step_fraction,
         names(&bb.losses),
         EvalReport::table(&report.reports),
+        rival_settings(config),
+        MethodCost::table(costs),
         flags.join("\n"),
         stage_times.join(", "),
         timing.total,

@@ -32,7 +32,12 @@ fn tiny(method: Method) -> Config {
     c.model.classes = 4;
     c.model.input_size = 8;
     c.model.sharing = Sharing::Independent;
-    c.model.n = if method == Method::Baseline { 1 } else { 2 };
+    c.model.n = if method.is_ensemble() { 1 } else { 2 };
+    if matches!(method, Method::Adp | Method::Gal | Method::Trs) {
+        c.train.optimizer = eio_spec::config::Optimizer::Adam;
+        c.train.lr = 1e-3;
+    }
+    c.trs.pgd_steps = 2;
     c.train.method = method;
     c.train.epochs = 2;
     c.train.batch_size = 8;
@@ -330,6 +335,56 @@ fn baseline_ensemble_resumes_bit_identically() {
 #[test]
 fn advt_resumes_bit_identically() {
     kill_and_resume(Method::Advt, Some(1), None);
+}
+
+#[test]
+fn rival_ensembles_resume_bit_identically_mid_epoch() {
+    // One Adam over the members (ADP, GAL, TRS: moments and step counts in the checkpoint),
+    // per-member SGD (DVERGE: the layer drawn per epoch, x_t paired and augmented); GAL's
+    // noise and TRS's PGD starts come from their seeded streams.
+    for method in [Method::Adp, Method::Gal, Method::Trs, Method::Dverge] {
+        kill_and_resume(method, None, Some(4));
+    }
+}
+
+#[test]
+fn dverge_starts_from_the_ensemble_named_by_init_from() {
+    let baseline_config = tiny(Method::Baseline);
+    let dir = scratch("dverge-init");
+    let init = dir.join("baseline.safetensors");
+    let mut baseline = train::start(&baseline_config, &Device::Cpu, DType::F32).unwrap();
+    run(
+        &mut baseline,
+        &data(&baseline_config),
+        &init,
+        &mut StopAt::never(),
+    );
+    let mut config = tiny(Method::Dverge);
+    config.dverge.init_from = init.display().to_string();
+    let started = train::start(&config, &Device::Cpu, DType::F32).unwrap();
+    for (a, b) in started.members.iter().zip(&baseline.members) {
+        for (name, t) in &a.tensors {
+            let (u, v) = (
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.tensors[name]
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            assert_eq!(u, v, "member tensor {name} is not the baseline's");
+        }
+    }
+    // A different ensemble size is refused, naming the file and both sizes.
+    config.train.ensemble_size = 3;
+    let err = train::start(&config, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("baseline.safetensors") && err.contains("2 member") && err.contains('3'),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -17,6 +17,9 @@
 //! | [`attack`] | Sec. 4.1: PGD settings (momentum, input diversity, SGM), white-box versions and their seeds |
 //! | [`blackbox`] | Sec. 4.1: the black-box transfer suite's versions, jobs, seeds and shards |
 //! | [`sanity`] | the checks every evaluation report carries |
+//! | [`rivals`] | the rival methods' settings (DVERGE, ADP, GAL, TRS), `eio run`'s rivals |
+//! | [`noise`] | GAL's seeded Gaussian-noise augmentation |
+//! | [`transfer_matrix`] | DVERGE's transferability matrix: settings, image subset, verdicts |
 
 pub mod attack;
 pub mod blackbox;

@@ -15,6 +15,9 @@
 //! | `f64_eio.rs` | one Eq. 4 iteration (path losses, distillation losses, final state) and clean pre-training |
 //! | `f64_attack.rs` | PGD (CE, C&W; path, ensemble of 2, randomised with EOT 2) and the white-box report |
 //! | `f64_transfer_attacks.rs` | momentum PGD, M-DI²-FGSM and SGM (CE, C&W, DVERGE's C&W; every target kind), the input-diversity transform and its adjoint, known answers of both |
+//! | `f64_second_order.rs` | ∂⟨∇ₓL, v⟩/∂θ and /∂x (GAL's and TRS's second order) at 1e-9 in f64 and 1e-4 in f32, both BN modes, ReLU/LeakyReLU, ResNet and VGG |
+//! | `f64_rivals.rs` | two iterations of ADP, DVERGE (plus-adv, its coeff), GAL and TRS (with and without the smoothness PGD) over 2 and 3 members, SGD and Adam: losses, terms, every member's state |
+//! | `f64_transfer_matrix.rs` | the transferability matrix: all-correct pool, subset, per-restart counts and verdicts, ensembles and RGN paths |
 //! | `checkpoint.rs` | safetensors checkpoints written by one engine and read by another, bit for bit |
 //! | `f32_cpu.rs` | f32 CPU: single passes at 1e-4; multi-step sign attacks (PGD and the transfer attacks) by their first step and a bound |
 //! | `cuda.rs` | the f32 single passes on CUDA (`--features cuda` and `EIO_DEVICE=cuda`), else a visible skip |

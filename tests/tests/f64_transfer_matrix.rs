@@ -282,7 +282,7 @@ fn check_engines_agree(case: &Case, settings: &TransferSettings, seed: u64, what
 
 #[test]
 fn ensemble_matrix_matches_reference() {
-    for (seed, eps) in [(1, 0.12), (2, 0.1)] {
+    for (seed, eps) in [(8, 0.1), (2, 0.1)] {
         let case = Case::ensemble(seed, 3, 20);
         check_engines_agree(
             &case,
