@@ -81,28 +81,19 @@ pub fn gal_iteration<R: Rng + ?Sized>(
 /// # Errors
 /// On a device error.
 pub fn coherence(grads: &[&Tensor], offset: f64) -> Result<(f64, Vec<Tensor>)> {
-    let n = grads.len();
-    let batch = grads[0].dim(0)?;
-    let pairs: Vec<(usize, usize)> = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
-        .collect();
-    let exps = pairs
-        .iter()
-        .map(|&(i, j)| ops::cosine(grads[i], grads[j])?.exp())
+    let batch = grads[0].dim(0)? as f64;
+    let exps = ops::pair_cosines(grads)?
+        .into_iter()
+        .map(|c| c.exp())
         .collect::<Result<Vec<_>>>()?;
     let mut sums = (exps[0].ones_like()? * offset)?;
     for e in &exps {
         sums = (sums + e)?;
     }
-    let value = scalar(&sums.log()?.sum_all()?)? / batch as f64;
-    let mut directions = grads
+    let value = scalar(&sums.log()?.sum_all()?)? / batch;
+    let weights = exps
         .iter()
-        .map(|g| g.zeros_like())
+        .map(|e| (e / &sums)? / batch)
         .collect::<Result<Vec<_>>>()?;
-    for (&(i, j), e) in pairs.iter().zip(&exps) {
-        let weight = ((e / &sums)? / batch as f64)?;
-        directions[i] = (&directions[i] + ops::cosine_backward(grads[i], grads[j], &weight)?)?;
-        directions[j] = (&directions[j] + ops::cosine_backward(grads[j], grads[i], &weight)?)?;
-    }
-    Ok((value, directions))
+    Ok((value, ops::pair_directions(grads, &weights)?))
 }

@@ -118,25 +118,16 @@ pub fn magnitude(grad: &Tensor) -> Result<f64> {
 /// # Errors
 /// On a device error.
 pub fn alignment(grads: &[&Tensor]) -> Result<(f64, Vec<Tensor>)> {
-    let n = grads.len();
     let batch = grads[0].dim(0)? as f64;
-    let pairs: Vec<(usize, usize)> = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
-        .collect();
-    let count = pairs.len() as f64;
+    let cos = ops::pair_cosines(grads)?;
+    let count = cos.len() as f64;
     let mut value = 0.0;
-    let mut directions = grads
-        .iter()
-        .map(|g| g.zeros_like())
-        .collect::<Result<Vec<_>>>()?;
-    for &(i, j) in &pairs {
-        let cos = ops::cosine(grads[i], grads[j])?;
-        value += scalar(&cos.abs()?.sum_all()?)? / batch / count;
-        let weight = (ops::sign(&cos)? / (batch * count))?;
-        directions[i] = (&directions[i] + ops::cosine_backward(grads[i], grads[j], &weight)?)?;
-        directions[j] = (&directions[j] + ops::cosine_backward(grads[j], grads[i], &weight)?)?;
+    let mut weights = Vec::with_capacity(cos.len());
+    for c in &cos {
+        value += scalar(&c.abs()?.sum_all()?)? / batch / count;
+        weights.push((ops::sign(c)? / (batch * count))?);
     }
-    Ok((value, directions))
+    Ok((value, ops::pair_directions(grads, &weights)?))
 }
 
 /// TRS's `PGD` (`eio_reference::trs`): ascend mean_m Magnitude(∇_x CE_m) by its sign (of the

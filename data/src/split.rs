@@ -12,35 +12,7 @@ use rand::RngCore;
 use crate::images::Images;
 use crate::DataError;
 
-/// A uniform integer in `0..n` (`n >= 1`): Lemire's unbiased multiply-and-reject on
-/// `next_u64`. `n = 0` returns 0 without drawing.
-pub fn below<R: RngCore + ?Sized>(rng: &mut R, n: u64) -> u64 {
-    if n == 0 {
-        return 0;
-    }
-    let mut m = u128::from(rng.next_u64()) * u128::from(n);
-    if (m as u64) < n {
-        let threshold = n.wrapping_neg() % n;
-        while (m as u64) < threshold {
-            m = u128::from(rng.next_u64()) * u128::from(n);
-        }
-    }
-    (m >> 64) as u64
-}
-
-/// The first `k` entries of a uniformly random permutation of `0..n` (partial Fisher-Yates from
-/// the front: step i swaps entry i with a uniform entry of i..n). `k` is capped at `n`; the
-/// first k entries do not depend on how many more are drawn.
-pub fn sample<R: RngCore + ?Sized>(n: usize, k: usize, rng: &mut R) -> Vec<usize> {
-    let k = k.min(n);
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in 0..k {
-        let j = i + below(rng, (n - i) as u64) as usize;
-        v.swap(i, j);
-    }
-    v.truncate(k);
-    v
-}
+pub use eio_spec::rng::{below, sample};
 
 /// A uniformly random permutation of `0..n` ([`sample`] of all n).
 pub fn permutation<R: RngCore + ?Sized>(n: usize, rng: &mut R) -> Vec<usize> {

@@ -51,6 +51,32 @@ pub fn cosine_backward(a: &Array4<f64>, c: &Array4<f64>, weights: &Array1<f64>) 
     out
 }
 
+/// The unordered pairs i < j of `n` members, in order (GAL's and TRS's pair terms).
+pub fn pairs(n: usize) -> Vec<(usize, usize)> {
+    (0..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .collect()
+}
+
+/// cos_b(g_i, g_j) for every pair of [`pairs`], in that order.
+pub fn pair_cosines(grads: &[&Array4<f64>]) -> Vec<Array1<f64>> {
+    pairs(grads.len())
+        .into_iter()
+        .map(|(i, j)| cosine(grads[i], grads[j]))
+        .collect()
+}
+
+/// ∂/∂g_m of Σ_{pairs (i, j)} Σ_b w_ij,b · cos_b(g_i, g_j) for every member m, with one weight
+/// vector per pair of [`pairs`], in that order.
+pub fn pair_directions(grads: &[&Array4<f64>], weights: &[Array1<f64>]) -> Vec<Array4<f64>> {
+    let mut directions: Vec<Array4<f64>> = grads.iter().map(|g| Array4::zeros(g.dim())).collect();
+    for ((i, j), w) in pairs(grads.len()).into_iter().zip(weights) {
+        directions[i] += &cosine_backward(grads[i], grads[j], w);
+        directions[j] += &cosine_backward(grads[j], grads[i], w);
+    }
+    directions
+}
+
 fn norm<'a>(values: impl Iterator<Item = &'a f64>) -> f64 {
     values.map(|v| v * v).sum::<f64>().sqrt()
 }

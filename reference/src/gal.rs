@@ -26,7 +26,7 @@ use eio_spec::Plan;
 use ndarray::{Array1, Array4};
 use rand::Rng;
 
-use crate::alignment::{cosine, cosine_backward};
+use crate::alignment::{pair_cosines, pair_directions};
 use crate::ensemble::{member_path, optimiser_step, MethodReport};
 use crate::loss::cross_entropy;
 use crate::model::{backward, logits, Gradients};
@@ -120,26 +120,17 @@ pub fn gal_gradients(
 /// The coherence coh = mean_b log(Σ_{i<j} exp(cos(g_i,b, g_j,b)) + offset) and ∂coh/∂g_m for
 /// every member m.
 pub fn coherence(grads: &[&Array4<f64>], offset: f64) -> (f64, Vec<Array4<f64>>) {
-    let n = grads.len();
-    let batch = grads[0].dim().0;
-    let pairs: Vec<(usize, usize)> = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+    let batch = grads[0].dim().0 as f64;
+    let exps: Vec<Array1<f64>> = pair_cosines(grads)
+        .into_iter()
+        .map(|c| c.mapv(f64::exp))
         .collect();
-    let cos: Vec<Array1<f64>> = pairs
-        .iter()
-        .map(|&(i, j)| cosine(grads[i], grads[j]))
-        .collect();
-    let mut sums = Array1::from_elem(batch, offset);
-    for c in &cos {
-        sums += &c.mapv(f64::exp);
+    let mut sums = Array1::from_elem(grads[0].dim().0, offset);
+    for e in &exps {
+        sums += e;
     }
-    let value = sums.mapv(f64::ln).sum() / batch as f64;
-    let mut directions: Vec<Array4<f64>> = grads.iter().map(|g| Array4::zeros(g.dim())).collect();
-    for (&(i, j), c) in pairs.iter().zip(&cos) {
-        // ∂coh/∂cos_ij,b = exp(cos_ij,b) / (sums_b · B)
-        let weight = c.mapv(f64::exp) / &sums / batch as f64;
-        directions[i] += &cosine_backward(grads[i], grads[j], &weight);
-        directions[j] += &cosine_backward(grads[j], grads[i], &weight);
-    }
-    (value, directions)
+    let value = sums.mapv(f64::ln).sum() / batch;
+    // ∂coh/∂cos_ij,b = exp(cos_ij,b) / (sums_b · B)
+    let weights: Vec<Array1<f64>> = exps.iter().map(|e| e / &sums / batch).collect();
+    (value, pair_directions(grads, &weights))
 }

@@ -34,7 +34,7 @@ use eio_spec::{Path, Plan};
 use ndarray::{concatenate, s, Array1, Array4, Axis};
 use rand::Rng;
 
-use crate::alignment::{cosine, cosine_backward};
+use crate::alignment::{pair_cosines, pair_directions};
 use crate::attack::{start, step};
 use crate::ensemble::{member_path, optimiser_step, MethodReport};
 use crate::loss::cross_entropy;
@@ -168,22 +168,15 @@ pub fn magnitude(grad: &Array4<f64>) -> f64 {
 
 /// L_cos = mean over pairs i < j of mean_b |cos(g_i,b, g_j,b)|, and ∂L_cos/∂g_m per member.
 pub fn alignment(grads: &[&Array4<f64>]) -> (f64, Vec<Array4<f64>>) {
-    let n = grads.len();
     let batch = grads[0].dim().0 as f64;
-    let pairs: Vec<(usize, usize)> = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+    let cos = pair_cosines(grads);
+    let count = cos.len() as f64;
+    let value = cos.iter().map(|c| c.mapv(f64::abs).sum()).sum::<f64>() / batch / count;
+    let weights: Vec<Array1<f64>> = cos
+        .iter()
+        .map(|c| c.mapv(|v| sign(v) / (batch * count)))
         .collect();
-    let count = pairs.len() as f64;
-    let mut value = 0.0;
-    let mut directions: Vec<Array4<f64>> = grads.iter().map(|g| Array4::zeros(g.dim())).collect();
-    for &(i, j) in &pairs {
-        let cos = cosine(grads[i], grads[j]);
-        value += cos.mapv(f64::abs).sum() / batch / count;
-        let weight: Array1<f64> = cos.mapv(|c| sign(c) / (batch * count));
-        directions[i] += &cosine_backward(grads[i], grads[j], &weight);
-        directions[j] += &cosine_backward(grads[j], grads[i], &weight);
-    }
-    (value, directions)
+    (value, pair_directions(grads, &weights))
 }
 
 /// TRS's `PGD`: ascend mean_m Magnitude(∇_x CE_m) by its sign from a uniform start, every

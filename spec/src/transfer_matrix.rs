@@ -40,13 +40,12 @@
 
 use std::fmt;
 
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::attack::AttackSettings;
 use crate::config::AttackLoss;
 use crate::gates::{Path, PathError, PathSpace};
-use crate::rng::{Seeds, Stream};
+use crate::rng::{sample, Seeds, Stream};
 use crate::verdict::{Verdict, VerdictError};
 
 /// The split of `Stream::EvalSubset` that draws the transfer subset (the white-box evaluation
@@ -248,36 +247,6 @@ impl TransferSettings {
 pub fn all_correct(per_source: &[Vec<bool>]) -> Vec<bool> {
     let n = per_source.iter().map(Vec::len).min().unwrap_or(0);
     (0..n).map(|k| per_source.iter().all(|c| c[k])).collect()
-}
-
-/// A uniform integer in `0..n` (`n >= 1`): Lemire's multiply-and-reject on `next_u64`, the
-/// algorithm of `eio_data::split::below` (integers built from raw ChaCha8 output by a fixed
-/// rule, so the draw is the same on every platform and with every `rand` release).
-fn below<R: RngCore + ?Sized>(rng: &mut R, n: u64) -> u64 {
-    if n == 0 {
-        return 0;
-    }
-    let mut m = u128::from(rng.next_u64()) * u128::from(n);
-    if (m as u64) < n {
-        let threshold = n.wrapping_neg() % n;
-        while (m as u64) < threshold {
-            m = u128::from(rng.next_u64()) * u128::from(n);
-        }
-    }
-    (m >> 64) as u64
-}
-
-/// The first `k` entries of a uniform permutation of `0..n` (partial Fisher-Yates from the
-/// front, as `eio_data::split::sample`).
-fn sample<R: RngCore + ?Sized>(n: usize, k: usize, rng: &mut R) -> Vec<usize> {
-    let k = k.min(n);
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in 0..k {
-        let j = i + below(rng, (n - i) as u64) as usize;
-        v.swap(i, j);
-    }
-    v.truncate(k);
-    v
 }
 
 /// The test images of the matrix: `n` of the indices where `all_correct` is true, drawn from
@@ -734,19 +703,6 @@ mod tests {
         // Asking for more than there are: all of them, in order.
         assert_eq!(choose_subset(&correct, 1000, &seeds), pool);
         assert!(choose_subset(&[false, false], 3, &seeds).is_empty());
-    }
-
-    #[test]
-    fn sample_is_a_partial_permutation() {
-        let mut rng = Seeds::new(1).stream(Stream::EvalSubset, 9);
-        let s = sample(20, 20, &mut rng);
-        let mut sorted = s.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (0..20).collect::<Vec<_>>());
-        assert!(below(&mut rng, 0) == 0);
-        for _ in 0..100 {
-            assert!(below(&mut rng, 7) < 7);
-        }
     }
 
     #[test]

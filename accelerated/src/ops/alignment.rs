@@ -45,3 +45,35 @@ pub fn cosine_backward(a: &Tensor, c: &Tensor, weights: &Tensor) -> Result<Tenso
     let second = fa.broadcast_mul(&self_term)?;
     (first - second)?.broadcast_mul(&w)?.reshape(a.shape())
 }
+
+/// cos_b(g_i, g_j) for every pair i < j of members, in order
+/// (`eio_reference::alignment::pair_cosines`).
+///
+/// # Errors
+/// On a device error.
+pub fn pair_cosines(grads: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let n = grads.len();
+    (0..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .map(|(i, j)| cosine(grads[i], grads[j]))
+        .collect()
+}
+
+/// ∂/∂g_m of Σ_{pairs (i, j)} Σ_b w_ij,b · cos_b(g_i, g_j) for every member m, one weight
+/// vector per pair in [`pair_cosines`]'s order (`eio_reference::alignment::pair_directions`).
+///
+/// # Errors
+/// On a device error.
+pub fn pair_directions(grads: &[&Tensor], weights: &[Tensor]) -> Result<Vec<Tensor>> {
+    let n = grads.len();
+    let mut directions = grads
+        .iter()
+        .map(|g| g.zeros_like())
+        .collect::<Result<Vec<_>>>()?;
+    let pairs = (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j)));
+    for ((i, j), w) in pairs.zip(weights) {
+        directions[i] = (&directions[i] + cosine_backward(grads[i], grads[j], w)?)?;
+        directions[j] = (&directions[j] + cosine_backward(grads[j], grads[i], w)?)?;
+    }
+    Ok(directions)
+}

@@ -26,7 +26,7 @@ pub mod rivals;
 mod stock;
 mod tangent;
 
-pub use alignment::{cosine, cosine_backward, COSINE_EPS};
+pub use alignment::{cosine, cosine_backward, pair_cosines, pair_directions, COSINE_EPS};
 pub use tangent::*;
 
 use candle_core::{DType, Device, Result, Tensor, D};
