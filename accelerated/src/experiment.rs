@@ -716,6 +716,7 @@ pub fn surrogate_configs(config: &Config) -> Vec<(String, Config)> {
         .zip(&bb.surrogate_seeds)
         .map(|(&size, &seed)| {
             let mut c = config.clone();
+            c.run.rivals.clear();
             c.seed = seed;
             c.model.n = 1;
             c.train.method = Method::Baseline;
@@ -781,10 +782,11 @@ pub fn suite_images(config: &Config, data: &DataSplits) -> crate::blackbox::Suit
 
 /// The config of the baseline that `eio run` trains beside an EIO config: plain networks
 /// (`model.n = 1`), `train.method = baseline`, as many members as the largest of
-/// `run.baselines` (the reported ensembles are its first members), and as many epochs as EIO's
-/// pre-training plus main epochs.
+/// `run.baselines` (the reported ensembles are its first members), as many epochs as EIO's
+/// pre-training plus main epochs, and no `run.rivals` (adding a rival to a run reuses it).
 pub fn baseline_config(config: &Config) -> Config {
     let mut b = config.clone();
+    b.run.rivals.clear();
     b.model.n = 1;
     b.train.method = Method::Baseline;
     b.train.ensemble_size = config.run.baselines.iter().copied().max().unwrap_or(1);
@@ -912,7 +914,9 @@ pub fn run_pipeline(
     let started = std::time::Instant::now();
     fs::create_dir_all(out).map_err(RunDir::write_err(out))?;
     RunDir::new(out).write_config(config)?;
+    // Stage configs leave out the rivals: adding one to a finished run reuses every stage.
     let mut eio_config = config.clone();
+    eio_config.run.rivals.clear();
     eio_config.train.method = Method::Eio;
     let stages = [
         ("baseline", baseline_config(config)),

@@ -12,8 +12,8 @@ use std::path::Path as FsPath;
 
 use candle_core::{DType, Device};
 use eio_interop::{
-    export_authors, export_dverge, import_state_dict, read_state_dict_file, ExportOptions,
-    ImportOptions, Imported, NormalizerPolicy,
+    export_authors, export_dverge, import_members, read_state_dict_file, ExportOptions,
+    ImportOptions, Imported, NormalizerPolicy, StateDict,
 };
 use eio_spec::config::Config;
 use eio_spec::Path;
@@ -46,7 +46,7 @@ pub struct ImportSummary {
 
 /// Imports `file` as a finished network of `config`'s model (its sharing mode, n, depth and
 /// normaliser; with `normalizer_from_file`, `model.mean` / `model.std` are taken from the
-/// file instead of checked against it).
+/// file instead of checked against it): [`import_models`] of its one state dict.
 ///
 /// # Errors
 /// Unreadable or malformed files, keys or shapes that do not fit, differing shared conv
@@ -59,6 +59,23 @@ pub fn import(
     dtype: DType,
 ) -> Result<(Checkpoint, ImportSummary), PytorchError> {
     let dict = read_state_dict_file(file)?;
+    import_models(&[dict], config, normalizer_from_file, device, dtype)
+}
+
+/// Imports state dicts as one finished checkpoint of `config`'s model with one member per
+/// dict, in order (DVERGE's ensemble files hold `model_0`, `model_1`, ...; a config for
+/// several members has `model.n = 1` and `train.ensemble_size` = their count). With
+/// `normalizer_from_file` the members' normalisers must agree, since the config holds one.
+///
+/// # Errors
+/// As [`import`], each error naming the member's key; members whose normalisers differ.
+pub fn import_models(
+    dicts: &[StateDict],
+    config: &Config,
+    normalizer_from_file: bool,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Checkpoint, ImportSummary), PytorchError> {
     let plan = config.plan()?;
     let options = ImportOptions {
         layout: None,
@@ -68,27 +85,55 @@ pub fn import(
             NormalizerPolicy::Check
         },
     };
-    let Imported {
-        values,
-        layout,
-        normalizer,
-        ignored,
-        ..
-    } = import_state_dict(&dict, &plan, &options)?;
+    let imported: Vec<Imported> = import_members(dicts, &plan, &options)?;
+    let Some(first) = imported.first() else {
+        return Err(PytorchError::Usage("no model to import".into()));
+    };
     let mut config = config.clone();
     if normalizer_from_file {
-        config.model.mean = normalizer.mean.clone();
-        config.model.std = normalizer.std.clone();
+        let key = |d: &StateDict| d.nesting.clone().unwrap_or_else(|| "the top level".into());
+        if let Some((d, other)) = dicts
+            .iter()
+            .zip(&imported)
+            .find(|(_, im)| im.normalizer != first.normalizer)
+        {
+            return Err(PytorchError::Usage(format!(
+                "{}'s normaliser (mean {:?}, std {:?}) differs from {}'s (mean {:?}, std {:?}); the config holds one",
+                key(d),
+                other.normalizer.mean,
+                other.normalizer.std,
+                key(&dicts[0]),
+                first.normalizer.mean,
+                first.normalizer.std
+            )));
+        }
+        config.model.mean = first.normalizer.mean.clone();
+        config.model.std = first.normalizer.std.clone();
         config.validate().map_err(|e| {
             PytorchError::Usage(format!("the file's normaliser is not a valid config: {e}"))
         })?;
     }
-    let tensors = values.len();
-    let state = ModelState::from_values(&plan, values.into_iter().collect(), device, dtype)?;
+    let layout = first.layout.to_string();
+    let tensors = first.values.len();
+    let mut ignored: Vec<String> = Vec::new();
+    let mut states = Vec::with_capacity(imported.len());
+    for im in imported {
+        for key in im.ignored {
+            if !ignored.contains(&key) {
+                ignored.push(key);
+            }
+        }
+        states.push(ModelState::from_values(
+            &plan,
+            im.values.into_iter().collect(),
+            device,
+            dtype,
+        )?);
+    }
     let checkpoint = Checkpoint::new(
         &config,
         ModelKind::Network,
-        vec![state],
+        states,
         Vec::new(),
         Progress::start(Phase::Done),
         dtype,
@@ -96,7 +141,7 @@ pub fn import(
     Ok((
         checkpoint,
         ImportSummary {
-            layout: layout.to_string(),
+            layout,
             tensors,
             ignored,
             normalizer_from_file,

@@ -101,6 +101,39 @@ fn eio_run_trains_derives_evaluates_and_reports() {
         "a resumed finished run reports the same table"
     );
 
+    // A rival added to the finished run trains alone: every other stage is reused (the stage
+    // configs leave out `run.rivals`), and it is judged with the others.
+    let baseline_metrics = std::fs::read_to_string(out.join("baseline/metrics.jsonl")).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[[run.rivals]]\nname = \"ADP-2\"\npreset = \"adp-3\"\n\
+         set = [\"train.epochs=1\", \"train.ensemble_size=2\", \"train.milestones=[]\"]\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let with_rival = eio()
+        .args([
+            "run",
+            config.to_str().unwrap(),
+            "--quiet",
+            "--resume",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let table = ok(&with_rival);
+    assert!(table.contains("| ADP-2 | white-box PGD |"), "{table}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("baseline/metrics.jsonl")).unwrap(),
+        baseline_metrics,
+        "the baseline was not retrained"
+    );
+    let adp = Checkpoint::load(&out.join("ADP-2/model.safetensors"), &Device::Cpu, None).unwrap();
+    assert_eq!(adp.members.len(), 2);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("## Methods and training cost"), "{report}");
+    assert!(report.contains("| ADP-2 | adp | 2 | 1 |"), "{report}");
+
     // eval on the RGN: a path must be chosen; random gates with EOT work.
     let rgn = out.join("eio/model.safetensors");
     let no_path = eio()

@@ -364,6 +364,29 @@ pub fn import_state_dict(
     })
 }
 
+/// Maps every member of an ensemble file ([`crate::read_models`]) onto `plan`, each exactly
+/// as [`import_state_dict`] maps one state dict, in order.
+///
+/// # Errors
+/// The first member that does not import, as [`InteropError::Member`] naming its key (the
+/// dict's [`StateDict::nesting`], else `model_<i>`) around [`import_state_dict`]'s error.
+pub fn import_members(
+    dicts: &[StateDict],
+    plan: &Plan,
+    options: &ImportOptions,
+) -> Result<Vec<Imported>, InteropError> {
+    dicts
+        .iter()
+        .enumerate()
+        .map(|(i, dict)| {
+            import_state_dict(dict, plan, options).map_err(|error| InteropError::Member {
+                key: dict.nesting.clone().unwrap_or_else(|| format!("model_{i}")),
+                error: Box::new(error),
+            })
+        })
+        .collect()
+}
+
 /// The first index where the two differ (bitwise, so a NaN equals itself), and |a - b| there.
 fn first_difference(a: &[f64], b: &[f64]) -> Option<(usize, f64)> {
     if a.len() != b.len() {

@@ -7,9 +7,12 @@
 //! (`<archive>/data.pkl` + `<archive>/data/<key>`), and safetensors. The state dict may sit at
 //! the top level or under `state_dict`, `model` or a lone `model_<i>`; storages on `cuda:N` are
 //! read to the host; float16/bfloat16/float32/float64 and the integer and bool storages are
-//! supported. The pickles are read by [`pickle`], a small reader of exactly the opcodes
-//! `torch.save` writes, with every length checked before anything is allocated (fuzzed by
-//! `fuzz/fuzz_targets/pytorch_import.rs` through [`torch::check_bytes`]).
+//! supported. [`read_models`] also reads DVERGE's ensemble files,
+//! `{'model_0': m0.state_dict(), 'model_1': ...}` (its trainers' `save`): one state dict per
+//! member, in index order (keys must be `model_0` to `model_<N-1>`). The pickles are read by
+//! [`pickle`], a small reader of exactly the opcodes `torch.save` writes, with every length
+//! checked before anything is allocated (fuzzed by `fuzz/fuzz_targets/pytorch_import.rs`
+//! through [`torch::check_bytes`]).
 //!
 //! Why not a pickle crate: candle's `candle_core::pickle` reads only the zip format and
 //! allocates a string's stated length before reading it (`vec![0u8; len]` from a fuzzed u32)
@@ -42,6 +45,9 @@
 //! values, unless [`NormalizerPolicy::FromFile`] asks to take the file's values (the caller
 //! then sets `model.mean` / `model.std` from [`Imported::normalizer`]).
 //!
+//! [`import_members`] maps each member of an ensemble file onto the plan exactly as
+//! [`import_state_dict`] maps one state dict; an error names the member's key.
+//!
 //! # Exporting ([`export_dverge`], [`export_authors`])
 //! Both write safetensors (float32 or float64; `num_batches_tracked` as int64 scalars) that
 //! `safetensors.torch.load_file` reads and `load_state_dict` accepts:
@@ -61,10 +67,13 @@ pub mod torch;
 pub use eio_spec::plan::Plan;
 pub use export::{export_authors, export_dverge, DvergeNames, ExportDtype, ExportOptions};
 pub use import::{
-    import_state_dict, ImportOptions, Imported, Normalizer, NormalizerPolicy, NormalizerSource,
-    ShapeMismatch, SourceLayout,
+    import_members, import_state_dict, ImportOptions, Imported, Normalizer, NormalizerPolicy,
+    NormalizerSource, ShapeMismatch, SourceLayout,
 };
-pub use torch::{read_state_dict, read_state_dict_file, StateDict, TorchDtype, TorchTensor};
+pub use torch::{
+    read_models, read_models_file, read_state_dict, read_state_dict_file, StateDict, TorchDtype,
+    TorchTensor,
+};
 
 /// Everything that can go wrong reading, importing or exporting.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +156,12 @@ pub enum InteropError {
     },
     #[error("value {name:?}: {message}")]
     Value { name: String, message: String },
+    /// An error importing one model of an ensemble file, under its key (`model_<i>`).
+    #[error("{key}: {error}")]
+    Member {
+        key: String,
+        error: Box<InteropError>,
+    },
 }
 
 /// Keys of a state dict that do not fit a plan: all of them, reported at once.

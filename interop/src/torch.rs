@@ -339,15 +339,64 @@ impl StateDict {
 /// # Errors
 /// [`InteropError`] naming `origin`: unknown container ([`InteropError::NotACheckpoint`]),
 /// truncation, a malformed pickle or zip, unsupported storage types, views outside their
-/// storage, or no state dict in the object.
+/// storage, or no state dict in the object (a DVERGE ensemble file, whose several
+/// `model_<i>` models [`read_models`] reads, is such an error here).
 pub fn read_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict, InteropError> {
+    let mut found = read(bytes, origin, false)?;
+    debug_assert_eq!(found.len(), 1);
+    Ok(found.swap_remove(0))
+}
+
+/// Reads a checkpoint file from disk ([`read_state_dict`] on its bytes).
+///
+/// # Errors
+/// [`InteropError::Read`] if the file cannot be read, else as [`read_state_dict`].
+pub fn read_state_dict_file(path: &std::path::Path) -> Result<StateDict, InteropError> {
+    let origin = path.display().to_string();
+    read_state_dict(&read_file(path)?, &origin)
+}
+
+/// Reads every model of a checkpoint held in `bytes`: one state dict wherever
+/// [`read_state_dict`] finds one (the same result, also for a lone `model_<i>`), else, for a
+/// DVERGE ensemble file (`torch.save({'model_0': m0.state_dict(), 'model_1': ...})`, as its
+/// trainers' `save` writes it), one state dict per `model_<i>` key in index order, each with
+/// [`StateDict::nesting`] `model_<i>`. Storages the models share (DVERGE's members share one
+/// normaliser module) are read once and shared.
+///
+/// # Errors
+/// As [`read_state_dict`]; for an ensemble, also keys that are not exactly `model_0` to
+/// `model_<N-1>` (the message names the missing key) and a `model_<i>` whose value is not a
+/// dict of tensors (named).
+pub fn read_models(bytes: &[u8], origin: &str) -> Result<Vec<StateDict>, InteropError> {
+    read(bytes, origin, true)
+}
+
+/// Reads every model of a checkpoint file ([`read_models`] on its bytes).
+///
+/// # Errors
+/// [`InteropError::Read`] if the file cannot be read, else as [`read_models`].
+pub fn read_models_file(path: &std::path::Path) -> Result<Vec<StateDict>, InteropError> {
+    let origin = path.display().to_string();
+    read_models(&read_file(path)?, &origin)
+}
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, InteropError> {
+    std::fs::read(path).map_err(|source| InteropError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The state dicts of `bytes`: exactly one unless `ensembles` lets a DVERGE ensemble file give
+/// all of its models.
+fn read(bytes: &[u8], origin: &str, ensembles: bool) -> Result<Vec<StateDict>, InteropError> {
     let ctx = |e: FileError| e.into_error(origin);
     if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
-        read_zip(bytes).map_err(ctx)
+        read_zip(bytes, ensembles).map_err(ctx)
     } else if bytes.first() == Some(&0x80) {
-        read_legacy(bytes).map_err(ctx)
+        read_legacy(bytes, ensembles).map_err(ctx)
     } else if looks_like_safetensors(bytes) {
-        read_safetensors(bytes).map_err(ctx)
+        read_safetensors(bytes).map(|d| vec![d]).map_err(ctx)
     } else {
         let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
         Err(InteropError::NotACheckpoint {
@@ -357,29 +406,26 @@ pub fn read_state_dict(bytes: &[u8], origin: &str) -> Result<StateDict, InteropE
     }
 }
 
-/// Reads a checkpoint file from disk ([`read_state_dict`] on its bytes).
-///
-/// # Errors
-/// [`InteropError::Read`] if the file cannot be read, else as [`read_state_dict`].
-pub fn read_state_dict_file(path: &std::path::Path) -> Result<StateDict, InteropError> {
-    let origin = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| InteropError::Read {
-        path: origin.clone(),
-        source,
-    })?;
-    read_state_dict(&bytes, &origin)
-}
-
-/// The fuzzing entry point: reads `bytes` as a checkpoint and converts every tensor (at most
-/// `1 << 22` elements in total). Returns the number of tensors. Malformed input gives an
+/// The fuzzing entry point: reads every model of `bytes` ([`read_models`], which reads
+/// whatever [`read_state_dict`] reads, and ensemble files too) and converts every tensor (at
+/// most `1 << 22` elements in total). Returns the number of tensors. Malformed input gives an
 /// error; a panic, hang or unbounded allocation here is a bug.
 ///
 /// # Errors
-/// As [`read_state_dict`] and [`StateDict::materialize`].
+/// As [`read_models`] and [`StateDict::materialize`].
 pub fn check_bytes(bytes: &[u8]) -> Result<usize, InteropError> {
-    let dict = read_state_dict(bytes, "fuzz input")?;
-    let values = dict.materialize(1 << 22)?;
-    Ok(values.len())
+    const LIMIT: usize = 1 << 22;
+    let mut left = LIMIT;
+    let mut tensors = 0;
+    for dict in read_models(bytes, "fuzz input")? {
+        let values = dict.materialize(left).map_err(|e| match e {
+            InteropError::TooLarge { what, .. } => InteropError::TooLarge { what, limit: LIMIT },
+            other => other,
+        })?;
+        left -= values.iter().map(|(_, v)| v.len()).sum::<usize>();
+        tensors += values.len();
+    }
+    Ok(tensors)
 }
 
 fn looks_like_safetensors(bytes: &[u8]) -> bool {
@@ -680,8 +726,11 @@ impl<'m> Interpreter<'m> {
         }
     }
 
-    /// The dict of tensors under the root: `(nesting, entries)`.
-    fn state_dict(&mut self, root: ObjId) -> Result<Found, FileError> {
+    /// The dict(s) of tensors under the root: `(nesting, entries)` each. One state dict (the
+    /// top level, `state_dict`, `model`, or a lone `model_<i>`); with `ensembles`, a file whose
+    /// top level has no such dict but several `model_<i>` keys gives every model, in index
+    /// order (see [`read_models`]).
+    fn state_dicts(&mut self, root: ObjId, ensembles: bool) -> Result<Vec<Found>, FileError> {
         let Some(items) = self.dict_items(root) else {
             return format_err(format!(
                 "the checkpoint object is not a dict ({})",
@@ -689,9 +738,19 @@ impl<'m> Interpreter<'m> {
             ));
         };
         if let Some(entries) = self.tensor_dict(items)? {
-            return Ok((None, entries));
+            return Ok(vec![(None, entries)]);
         }
-        let keys: Vec<&str> = items.iter().filter_map(|&(k, _)| self.str_of(k)).collect();
+        // Each string key once, in first-appearance order, with its last value (as Python's
+        // dict keeps it).
+        let mut keys: Vec<&str> = Vec::new();
+        let mut last: HashMap<&str, ObjId> = HashMap::new();
+        for &(k, v) in items {
+            if let Some(key) = self.str_of(k) {
+                if last.insert(key, v).is_none() {
+                    keys.push(key);
+                }
+            }
+        }
         let models: Vec<&str> = keys
             .iter()
             .copied()
@@ -705,34 +764,59 @@ impl<'m> Interpreter<'m> {
             candidates.push(models[0]);
         }
         for wanted in candidates {
-            if let Some(&(_, value)) = items
-                .iter()
-                .rev()
-                .find(|&&(k, _)| self.str_of(k) == Some(wanted))
-            {
-                let Some(inner) = self.dict_items(value) else {
-                    return format_err(format!(
-                        "{wanted:?} is not a dict ({})",
-                        kind(self.m.get(value))
-                    ));
-                };
-                return match self.tensor_dict(inner)? {
-                    Some(entries) => Ok((Some(wanted.to_string()), entries)),
-                    None => format_err(format!(
-                        "{wanted:?} is not a dict of tensors (one value is not a tensor)"
-                    )),
-                };
+            if let Some(&value) = last.get(wanted) {
+                return Ok(vec![self.model(wanted, value)?]);
             }
+        }
+        if ensembles && models.len() > 1 {
+            // DVERGE's `{'model_%d' % i: m.state_dict() for i, m in enumerate(models)}`:
+            // model_0 to model_<N-1>, read in index order.
+            let wanted: Vec<String> = (0..models.len()).map(|i| format!("model_{i}")).collect();
+            let absent: Vec<&str> = wanted
+                .iter()
+                .map(String::as_str)
+                .filter(|k| !last.contains_key(k))
+                .collect();
+            if !absent.is_empty() {
+                return format_err(format!(
+                    "the file holds {} models ({}) but no {}: an ensemble's models must be model_0 to model_{}",
+                    models.len(),
+                    models.join(", "),
+                    absent.join(", "),
+                    models.len() - 1
+                ));
+            }
+            let mut found = Vec::with_capacity(wanted.len());
+            for key in &wanted {
+                found.push(self.model(key, last[key.as_str()])?);
+            }
+            return Ok(found);
         }
         let mut message = format!("no state dict found: top-level keys are {keys:?}");
         if models.len() > 1 {
             message.push_str(&format!(
-                "; the file holds {} models ({}); extract one first",
+                "; the file holds {} models ({}), an ensemble: read it with read_models (eio import imports every model, --member I one)",
                 models.len(),
                 models.join(", ")
             ));
         }
         format_err(message)
+    }
+
+    /// The state dict `value` found under the top-level key `key`.
+    fn model(&mut self, key: &str, value: ObjId) -> Result<Found, FileError> {
+        let Some(inner) = self.dict_items(value) else {
+            return format_err(format!(
+                "{key:?} is not a dict ({})",
+                kind(self.m.get(value))
+            ));
+        };
+        match self.tensor_dict(inner)? {
+            Some(entries) => Ok((Some(key.to_string()), entries)),
+            None => format_err(format!(
+                "{key:?} is not a dict of tensors (one value is not a tensor)"
+            )),
+        }
     }
 
     /// `Some(entries)` if every value of the dict is a tensor and every key a string (an empty
@@ -836,7 +920,7 @@ fn next_pickle(
 }
 
 /// The legacy format (fact sheet, "Container").
-fn read_legacy(bytes: &[u8]) -> Result<StateDict, FileError> {
+fn read_legacy(bytes: &[u8], ensembles: bool) -> Result<Vec<StateDict>, FileError> {
     let mut pos = 0;
     let (m, root) = next_pickle(bytes, &mut pos, "magic number")?;
     if m.get(root) != &Obj::Int(LEGACY_MAGIC) {
@@ -868,7 +952,7 @@ fn read_legacy(bytes: &[u8]) -> Result<StateDict, FileError> {
     let (m, root) = next_pickle(bytes, &mut pos, "checkpoint object")?;
     let mut interp = Interpreter::new(&m);
     interp.register_all()?;
-    let (nesting, tensors) = interp.state_dict(root)?;
+    let found = interp.state_dicts(root, ensembles)?;
     let described = std::mem::take(&mut interp.storages);
     let (keys_m, keys_root) = next_pickle(bytes, &mut pos, "storage key list")?;
     let Obj::List(key_ids) = keys_m.get(keys_root) else {
@@ -922,7 +1006,10 @@ fn read_legacy(bytes: &[u8]) -> Result<StateDict, FileError> {
             ));
         }
     }
-    assemble(Container::Legacy, nesting, tensors, &storages)
+    found
+        .into_iter()
+        .map(|(nesting, tensors)| assemble(Container::Legacy, nesting, tensors, &storages))
+        .collect()
 }
 
 fn take<'a>(
@@ -986,7 +1073,7 @@ fn zip_entry(
 }
 
 /// The zip format (PyTorch 1.6+).
-fn read_zip(bytes: &[u8]) -> Result<StateDict, FileError> {
+fn read_zip(bytes: &[u8], ensembles: bool) -> Result<Vec<StateDict>, FileError> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|source| FileError::Zip {
         what: "archive".into(),
         source,
@@ -1028,7 +1115,7 @@ fn read_zip(bytes: &[u8]) -> Result<StateDict, FileError> {
     })?;
     let mut interp = Interpreter::new(&m);
     interp.register_all()?;
-    let (nesting, tensors) = interp.state_dict(root)?;
+    let found = interp.state_dicts(root, ensembles)?;
     let mut storages: HashMap<String, Arc<Storage>> = HashMap::new();
     for key in &interp.used {
         let desc = &interp.storages[key];
@@ -1060,7 +1147,10 @@ fn read_zip(bytes: &[u8]) -> Result<StateDict, FileError> {
             }),
         );
     }
-    assemble(Container::Zip, nesting, tensors, &storages)
+    found
+        .into_iter()
+        .map(|(nesting, tensors)| assemble(Container::Zip, nesting, tensors, &storages))
+        .collect()
 }
 
 /// A safetensors file: every tensor its own storage (keyed by its name).

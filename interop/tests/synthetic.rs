@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{authors_checkpoint, tiny_model, Checkpoint, Nesting, Ty};
+use common::{authors_checkpoint, dverge_checkpoint, tiny_model, Checkpoint, Nesting, Ty};
 use eio_interop::torch::{check_bytes, Container, TorchDtype};
 use eio_interop::{
     import_state_dict, read_state_dict, ImportOptions, InteropError, NormalizerPolicy,
@@ -359,34 +359,6 @@ fn the_normaliser_is_checked_or_taken_from_the_file() {
     );
 }
 
-/// The DVERGE ResNet name of an authors' key, written independently of the library's mapping.
-fn dverge_key(authors: &str) -> Option<String> {
-    if authors.starts_with("net.normalizer.") {
-        return None;
-    }
-    let k = authors.trim_start_matches("net.model.");
-    let k = k.replace(".candidate_ops.0.0.weight", ".weight");
-    let k = k
-        .replace("conv1.candidate_ops.0.1.", "bn1.")
-        .replace("conv2.candidate_ops.0.1.", "bn2.");
-    Some(k)
-}
-
-fn dverge_checkpoint(wrapper: bool) -> (Checkpoint, Plan) {
-    let single = plan(1, Sharing::SharedConv);
-    let mut ck = authors_checkpoint(&single);
-    if !wrapper {
-        ck.remove("net.normalizer.mean");
-        ck.remove("net.normalizer.std");
-    }
-    ck.rename(|n| match dverge_key(n) {
-        Some(k) if wrapper => format!("model.{k}"),
-        Some(k) => k,
-        None => n.trim_start_matches("net.").to_string(),
-    });
-    (ck, single)
-}
-
 #[test]
 fn dverge_resnet_initialises_every_candidate() {
     let (ck, single) = dverge_checkpoint(false);
@@ -453,6 +425,14 @@ fn write_fuzz_seeds_on_request() {
     .unwrap();
     std::fs::write(dir.join("seed-zip-top"), ck.zip(Nesting::Top)).unwrap();
     std::fs::write(dir.join("seed-zip-model"), ck.zip(Nesting::Model)).unwrap();
+    // DVERGE's ensemble file: model_0 and model_1 sharing the storage of "w".
+    let mut other = ck.clone();
+    other.storages.retain(|s| s.key == ck.entries[0].storage);
+    other.entries.retain(|e| e.storage == ck.entries[0].storage);
+    let ensemble = common::Ensemble::of(vec![ck.clone(), other]);
+    assert_eq!(check_bytes(&ensemble.legacy()).unwrap(), 4 + 2);
+    std::fs::write(dir.join("seed-legacy-ensemble"), ensemble.legacy()).unwrap();
+    std::fs::write(dir.join("seed-zip-ensemble"), ensemble.zip()).unwrap();
     let header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
     let mut st = (header.len() as u64).to_le_bytes().to_vec();
     st.extend(header);
@@ -462,13 +442,15 @@ fn write_fuzz_seeds_on_request() {
     std::fs::write(dir.join("seed-safetensors"), st).unwrap();
 }
 
-/// The fuzz target's check (`check_bytes`) as a seeded smoke test: mutated legacy, zip and
-/// safetensors files give results or errors, never panics.
+/// The fuzz target's check (`check_bytes`) as a seeded smoke test: mutated legacy, zip (also
+/// DVERGE ensemble files) and safetensors files give results or errors, never panics.
 #[test]
 fn seeded_mutations_are_errors_not_panics() {
     let plan = plan(1, Sharing::SharedConv);
     let ck = authors_checkpoint(&plan);
     let mut seeds = vec![ck.legacy(Nesting::StateDict), ck.zip(Nesting::Model)];
+    let ensemble = common::Ensemble::of(vec![ck.clone(), ck.clone()]);
+    seeds.extend([ensemble.legacy(), ensemble.zip()]);
     let header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
     let mut st = (header.len() as u64).to_le_bytes().to_vec();
     st.extend(header);

@@ -41,7 +41,8 @@ enum Command {
     Eval(EvalArgs),
     /// The whole pipeline of a config: baseline, EIO, derive, evaluate, report.md.
     Run(RunArgs),
-    /// Import a PyTorch checkpoint (the authors' released RGN, a DVERGE ResNet state dict).
+    /// Import a PyTorch checkpoint (the authors' released RGN, a DVERGE ResNet state dict, a
+    /// DVERGE ensemble file).
     Import(ImportArgs),
     /// Export a model under PyTorch names as safetensors (DVERGE's ResNet or the authors' RGN).
     Export(ExportArgs),
@@ -51,7 +52,10 @@ enum Command {
 
 #[derive(Args)]
 struct ImportArgs {
-    /// A PyTorch checkpoint: legacy or zip serialization (or safetensors).
+    /// A PyTorch checkpoint: legacy or zip serialization (or safetensors). A DVERGE ensemble
+    /// file (`{'model_0': ..., 'model_1': ...}`) becomes one checkpoint of all its members
+    /// (`model.n = 1`, `train.method = "baseline"` unless the config names another ensemble
+    /// method, `train.ensemble_size` = the member count).
     file: PathBuf,
     /// The eio checkpoint to write.
     #[arg(long)]
@@ -70,6 +74,9 @@ struct ImportArgs {
     /// Take model.mean / model.std from the file instead of checking them against the config.
     #[arg(long)]
     normalizer_from_file: bool,
+    /// Import only model I (`model_<I>`) of an ensemble file, as one model.
+    #[arg(long, value_name = "I")]
+    member: Option<usize>,
     #[command(flatten)]
     common: Common,
 }
@@ -1284,34 +1291,97 @@ fn import_cmd(a: ImportArgs) -> Result<bool> {
         .strip_prefix("resnet")
         .and_then(|d| d.parse::<usize>().ok())
         .with_context(|| format!("--arch {:?}: expected resnetN, e.g. resnet20", a.arch))?;
-    let mut set = vec![
-        "model.arch=\"resnet\"".to_string(),
-        format!("model.depth={depth}"),
-        format!("model.sharing=\"{}\"", a.sharing),
-    ];
-    set.extend(a.set.iter().cloned());
-    let config = base.with_overrides(&set)?;
-    let (checkpoint, summary) =
-        eio_accelerated::pytorch::import(&a.file, &config, a.normalizer_from_file, &device, dtype)
-            .with_context(|| format!("importing {}", a.file.display()))?;
+    // The command's settings, then `extra` (the ensemble's), then the user's --set.
+    let configure = |extra: &[String]| -> Result<Config> {
+        let mut set = vec![
+            "model.arch=\"resnet\"".to_string(),
+            format!("model.depth={depth}"),
+            format!("model.sharing=\"{}\"", a.sharing),
+        ];
+        set.extend(extra.iter().cloned());
+        set.extend(a.set.iter().cloned());
+        Ok(base.clone().with_overrides(&set)?)
+    };
+    let file = a.file.display().to_string();
+    let mut models =
+        eio_interop::read_models_file(&a.file).with_context(|| format!("importing {file}"))?;
+    // Where each model sits: `model_<i>` in an ensemble file.
+    let keys: Vec<String> = models
+        .iter()
+        .map(|d| d.nesting.clone().unwrap_or_else(|| "the top level".into()))
+        .collect();
+    let (config, chosen, member) = match a.member {
+        None if models.len() == 1 => (configure(&[])?, models, None),
+        None => {
+            let n = models.len();
+            let mut extra = vec!["model.n=1".to_string(), format!("train.ensemble_size={n}")];
+            if !base.train.method.is_ensemble() {
+                extra.push("train.method=\"baseline\"".to_string());
+            }
+            let config = configure(&extra).with_context(|| {
+                format!(
+                    "{file} holds an ensemble of {n} models ({}), imported with model.n = 1 and train.ensemble_size = {n}",
+                    keys.join(", ")
+                )
+            })?;
+            if config.train.ensemble_size != n {
+                bail!(
+                    "{file} holds an ensemble of {n} models ({}), but the config says train.ensemble_size = {}",
+                    keys.join(", "),
+                    config.train.ensemble_size
+                );
+            }
+            (config, models, None)
+        }
+        Some(i) => {
+            if i >= models.len() {
+                bail!(
+                    "--member {i}: {file} holds {} model{} ({})",
+                    models.len(),
+                    if models.len() == 1 { "" } else { "s" },
+                    keys.join(", ")
+                );
+            }
+            (configure(&[])?, vec![models.swap_remove(i)], Some(&keys[i]))
+        }
+    };
+    let (checkpoint, summary) = eio_accelerated::pytorch::import_models(
+        &chosen,
+        &config,
+        a.normalizer_from_file,
+        &device,
+        dtype,
+    )
+    .with_context(|| format!("importing {file}"))?;
+    let count = checkpoint.members.len();
     checkpoint.save(&a.out)?;
-    eprintln!(
-        "imported {} ({} layout, {} tensors{}{}) -> {}",
-        a.file.display(),
-        summary.layout,
-        summary.tensors,
-        if summary.ignored.is_empty() {
+    let (layout, tensors, ignored) = (summary.layout, summary.tensors, summary.ignored);
+    let details = format!(
+        "{layout} layout, {tensors} tensors{}{}{}",
+        if count > 1 { " each" } else { "" },
+        if ignored.is_empty() {
             String::new()
         } else {
-            format!(", skipped {}", summary.ignored.join(" "))
+            format!(", skipped {}", ignored.join(" "))
         },
-        if summary.normalizer_from_file {
+        if a.normalizer_from_file {
             ", normaliser from the file"
         } else {
             ""
-        },
-        a.out.display()
+        }
     );
+    match member {
+        Some(key) => eprintln!(
+            "imported {key} of {file} ({details}) -> {}",
+            a.out.display()
+        ),
+        None if count == 1 => eprintln!("imported {file} ({details}) -> {}", a.out.display()),
+        None => eprintln!(
+            "imported {file}: {count} members ({}; {details}) -> {}",
+            keys.join(", "),
+            a.out.display()
+        ),
+    }
     Ok(true)
 }
 

@@ -285,6 +285,25 @@ impl Checkpoint {
                 p.op(b'}').put().op(b'(').str("model");
             }
         }
+        self.write_state_dict(&mut p, zip);
+        match nesting {
+            Nesting::Top => {}
+            Nesting::StateDict => {
+                p.str("train")
+                    .op(0x89)
+                    .str("dataset")
+                    .str("cifar10")
+                    .op(b'u');
+            }
+            Nesting::Model => {
+                p.str("epoch").int(3).op(b'u');
+            }
+        }
+        p.stop()
+    }
+
+    /// The state dict, an `OrderedDict` of tensors, onto `p`.
+    pub fn write_state_dict(&self, p: &mut Pickle, zip: bool) {
         p.global("collections", "OrderedDict")
             .op(b')')
             .op(b'R')
@@ -336,20 +355,6 @@ impl Checkpoint {
         p.op(b'u');
         // OrderedDict _metadata via BUILD, like a real state_dict()
         p.op(b'}').put().op(b'b');
-        match nesting {
-            Nesting::Top => {}
-            Nesting::StateDict => {
-                p.str("train")
-                    .op(0x89)
-                    .str("dataset")
-                    .str("cifar10")
-                    .op(b'u');
-            }
-            Nesting::Model => {
-                p.str("epoch").int(3).op(b'u');
-            }
-        }
-        p.stop()
     }
 
     /// Storage keys in first-use order.
@@ -365,49 +370,143 @@ impl Checkpoint {
 
     /// The legacy container (fact sheet, "Container").
     pub fn legacy(&self, nesting: Nesting) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend([
-            0x80, 2, 0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
-        ]);
-        out.extend([0x80, 2, b'M', 0xe9, 0x03, b'.']);
-        let mut p = Pickle::new();
-        p.op(b'}').put().op(b'(');
-        p.str("protocol_version").int(1001);
-        p.str("little_endian").op(0x88);
-        p.str("type_sizes").op(b'}').put().op(b'(');
-        p.str("short").int(2).str("int").int(4).str("long").int(4);
-        p.op(b'u').op(b'u');
-        out.extend(p.stop());
-        out.extend(self.object_pickle(nesting, false));
-        let keys = self.storage_order();
-        let mut p = Pickle::new();
-        p.op(b']').put().op(b'(');
-        for k in &keys {
-            p.str(k);
-        }
-        p.op(b'e');
-        out.extend(p.stop());
-        for k in &keys {
-            let s = self.storage(k);
-            out.extend((s.values.len() as u64).to_le_bytes());
-            out.extend(s.ty.encode(&s.values));
-        }
-        out
+        let storages: Vec<&StorageData> = self
+            .storage_order()
+            .iter()
+            .map(|k| self.storage(k))
+            .collect();
+        legacy_container(self.object_pickle(nesting, false), &storages)
     }
 
     /// The zip container (`archive/data.pkl`, `archive/data/<key>`, `archive/version`).
     pub fn zip(&self, nesting: Nesting) -> Vec<u8> {
-        let mut files: Vec<(String, Vec<u8>)> = vec![
-            ("archive/data.pkl".into(), self.object_pickle(nesting, true)),
-            ("archive/byteorder".into(), b"little".to_vec()),
-        ];
-        for k in self.storage_order() {
-            let s = self.storage(&k);
-            files.push((format!("archive/data/{k}"), s.ty.encode(&s.values)));
-        }
-        files.push(("archive/version".into(), b"3\n".to_vec()));
-        zip_stored(&files)
+        let storages: Vec<&StorageData> = self
+            .storage_order()
+            .iter()
+            .map(|k| self.storage(k))
+            .collect();
+        zip_container(self.object_pickle(nesting, true), &storages)
     }
+
+    /// Renames every storage key with `f` (entries follow), e.g. to keep the keys of several
+    /// models in one file apart.
+    pub fn rekey(&mut self, f: impl Fn(&str) -> String) {
+        for s in &mut self.storages {
+            s.key = f(&s.key);
+        }
+        for e in &mut self.entries {
+            e.storage = f(&e.storage);
+        }
+    }
+}
+
+/// DVERGE's ensemble file, as its trainers' `save` writes it:
+/// `torch.save({'model_0': m0.state_dict(), 'model_1': ...}, 'epoch_200.pth')`.
+#[derive(Clone, Debug, Default)]
+pub struct Ensemble {
+    /// The top-level keys and their state dicts, in file order. A storage key used by several
+    /// models is one storage (DVERGE's members share one normaliser module): its values must
+    /// agree.
+    pub models: Vec<(String, Checkpoint)>,
+    /// More top-level entries with int values, after the models (`('epoch', 200)`, or a
+    /// `model_<i>` that is not a state dict).
+    pub extra: Vec<(String, usize)>,
+}
+
+impl Ensemble {
+    /// The models under `model_0`, `model_1`, ...
+    pub fn of(models: Vec<Checkpoint>) -> Self {
+        Ensemble {
+            models: models
+                .into_iter()
+                .enumerate()
+                .map(|(i, ck)| (format!("model_{i}"), ck))
+                .collect(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn object_pickle(&self, zip: bool) -> Vec<u8> {
+        let mut p = Pickle::new();
+        p.op(b'}').put().op(b'(');
+        for (key, ck) in &self.models {
+            p.str(key);
+            ck.write_state_dict(&mut p, zip);
+        }
+        for (key, v) in &self.extra {
+            p.str(key).int(*v);
+        }
+        p.op(b'u');
+        p.stop()
+    }
+
+    /// Every storage once, in first-use order.
+    fn storages(&self) -> Vec<&StorageData> {
+        let mut out: Vec<&StorageData> = Vec::new();
+        for (_, ck) in &self.models {
+            for k in ck.storage_order() {
+                let s = ck.storage(&k);
+                match out.iter().find(|o| o.key == s.key) {
+                    Some(o) => {
+                        assert_eq!(o.values, s.values, "storage {k} shared with other values")
+                    }
+                    None => out.push(s),
+                }
+            }
+        }
+        out
+    }
+
+    pub fn legacy(&self) -> Vec<u8> {
+        legacy_container(self.object_pickle(false), &self.storages())
+    }
+
+    pub fn zip(&self) -> Vec<u8> {
+        zip_container(self.object_pickle(true), &self.storages())
+    }
+}
+
+/// The legacy container around an object pickle written with legacy persistent ids.
+fn legacy_container(object: Vec<u8>, storages: &[&StorageData]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend([
+        0x80, 2, 0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
+    ]);
+    out.extend([0x80, 2, b'M', 0xe9, 0x03, b'.']);
+    let mut p = Pickle::new();
+    p.op(b'}').put().op(b'(');
+    p.str("protocol_version").int(1001);
+    p.str("little_endian").op(0x88);
+    p.str("type_sizes").op(b'}').put().op(b'(');
+    p.str("short").int(2).str("int").int(4).str("long").int(4);
+    p.op(b'u').op(b'u');
+    out.extend(p.stop());
+    out.extend(object);
+    let mut p = Pickle::new();
+    p.op(b']').put().op(b'(');
+    for s in storages {
+        p.str(&s.key);
+    }
+    p.op(b'e');
+    out.extend(p.stop());
+    for s in storages {
+        out.extend((s.values.len() as u64).to_le_bytes());
+        out.extend(s.ty.encode(&s.values));
+    }
+    out
+}
+
+/// The zip container around an object pickle written with zip persistent ids.
+fn zip_container(object: Vec<u8>, storages: &[&StorageData]) -> Vec<u8> {
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        ("archive/data.pkl".into(), object),
+        ("archive/byteorder".into(), b"little".to_vec()),
+    ];
+    for s in storages {
+        files.push((format!("archive/data/{}", s.key), s.ty.encode(&s.values)));
+    }
+    files.push(("archive/version".into(), b"3\n".to_vec()));
+    zip_stored(&files)
 }
 
 /// CRC-32 (IEEE), bit by bit.
@@ -526,4 +625,83 @@ pub fn authors_checkpoint(plan: &Plan) -> Checkpoint {
         }
     }
     ck
+}
+
+/// The DVERGE ResNet name of an authors' key (candidate 0), written independently of the
+/// library's mapping; `None` for the normaliser.
+pub fn dverge_key(authors: &str) -> Option<String> {
+    if authors.starts_with("net.normalizer.") {
+        return None;
+    }
+    let k = authors.trim_start_matches("net.model.");
+    let k = k.replace(".candidate_ops.0.0.weight", ".weight");
+    let k = k
+        .replace("conv1.candidate_ops.0.1.", "bn1.")
+        .replace("conv2.candidate_ops.0.1.", "bn2.");
+    Some(k)
+}
+
+/// DVERGE's ResNet state dict of the tiny model (`model.n = 1`): bare, or with `wrapper` as
+/// its `ModelWrapper` writes it (`model.` prefix, `normalizer.{mean,std}`); and that plan.
+pub fn dverge_checkpoint(wrapper: bool) -> (Checkpoint, Plan) {
+    let single = Plan::build(&tiny_model(1, Sharing::SharedConv)).unwrap();
+    let mut ck = authors_checkpoint(&single);
+    if !wrapper {
+        ck.remove("net.normalizer.mean");
+        ck.remove("net.normalizer.std");
+    }
+    ck.rename(|n| match dverge_key(n) {
+        Some(k) if wrapper => format!("model.{k}"),
+        Some(k) => k,
+        None => n.trim_start_matches("net.").to_string(),
+    });
+    (ck, single)
+}
+
+/// Member `m` of a DVERGE ensemble ([`dverge_checkpoint`]): every float value shifted by m/8
+/// and every counter by 100·m (f32-exact, distinct per member), storage keys of its own except
+/// the normaliser's, which all members share (DVERGE's `get_models` gives every
+/// `ModelWrapper` one `NormalizeByChannelMeanStd`).
+pub fn dverge_member(wrapper: bool, m: usize) -> Checkpoint {
+    let (mut ck, _) = dverge_checkpoint(wrapper);
+    let shared: Vec<String> = ck
+        .entries
+        .iter()
+        .filter(|e| e.name.starts_with("normalizer."))
+        .map(|e| e.storage.clone())
+        .collect();
+    for s in &mut ck.storages {
+        if shared.contains(&s.key) {
+            continue;
+        }
+        for v in &mut s.values {
+            *v += if s.ty == Ty::I64 {
+                100.0 * m as f64
+            } else {
+                m as f64 / 8.0
+            };
+        }
+    }
+    ck.rekey(|k| {
+        if shared.iter().any(|s| s == k) {
+            k.to_string()
+        } else {
+            (k.parse::<usize>().unwrap() + 1_000_000 * (m + 1)).to_string()
+        }
+    });
+    ck
+}
+
+/// The values of entry `name` as the file holds them (float32 storages rounded).
+pub fn stored_values(ck: &Checkpoint, name: &str) -> Vec<f64> {
+    let e = ck
+        .entries
+        .iter()
+        .find(|e| e.name == name)
+        .unwrap_or_else(|| panic!("no entry {name}"));
+    let s = ck.storage(&e.storage);
+    match s.ty {
+        Ty::F32 => s.values.iter().map(|&v| f64::from(v as f32)).collect(),
+        _ => s.values.clone(),
+    }
 }
