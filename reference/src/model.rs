@@ -334,23 +334,7 @@ pub fn backward_with(
         None => BTreeMap::new(),
     };
     let last = trace.outputs.len() - 1;
-    let mut node_grads: Vec<Option<ArrayD<f64>>> = vec![None; last + 1];
-    let add = |slot: &mut Option<ArrayD<f64>>, g: ArrayD<f64>| match slot {
-        Some(total) => *total += &g,
-        None => *slot = Some(g),
-    };
-    for (id, grad) in seeds {
-        assert!(
-            *id <= last,
-            "seed at node {id}, but the pass stopped at node {last}"
-        );
-        assert_eq!(
-            grad.shape(),
-            trace.outputs[*id].shape(),
-            "seed shape at node {id}"
-        );
-        add(&mut node_grads[*id], grad.clone());
-    }
+    let node_grads = &mut seeded(trace, seeds);
     let path = &trace.path;
     let mut grads = Gradients::default();
     for id in (0..=last).rev() {
@@ -359,7 +343,8 @@ pub fn backward_with(
         };
         let node = &plan.nodes[id];
         let x = |k: usize| &trace.outputs[node.inputs[k]];
-        let mut to_input = |k: usize, grad: ArrayD<f64>| add(&mut node_grads[node.inputs[k]], grad);
+        let mut to_input =
+            |k: usize, grad: ArrayD<f64>| accumulate(&mut node_grads[node.inputs[k]], grad);
         match &node.op {
             Op::Input => grads.input = Some(to4(&g)),
             Op::Normalize { std, .. } => to_input(
@@ -436,6 +421,37 @@ pub fn backward_with(
         }
     }
     grads
+}
+
+/// One slot per node of the pass in `trace`, holding the sum of the `seeds` placed at it
+/// (dL/d(output) at those nodes); the other slots are empty.
+///
+/// # Panics
+/// If a seed's node was not computed by the pass or its shape differs from the node's output.
+pub(crate) fn seeded(trace: &Trace, seeds: &[(NodeId, ArrayD<f64>)]) -> Vec<Option<ArrayD<f64>>> {
+    let last = trace.outputs.len() - 1;
+    let mut slots: Vec<Option<ArrayD<f64>>> = vec![None; last + 1];
+    for (id, grad) in seeds {
+        assert!(
+            *id <= last,
+            "seed at node {id}, but the pass stopped at node {last}"
+        );
+        assert_eq!(
+            grad.shape(),
+            trace.outputs[*id].shape(),
+            "seed shape at node {id}"
+        );
+        accumulate(&mut slots[*id], grad.clone());
+    }
+    slots
+}
+
+/// Adds `g` into a node's gradient slot (a node read by several others sums their gradients).
+pub(crate) fn accumulate(slot: &mut Option<ArrayD<f64>>, g: ArrayD<f64>) {
+    match slot {
+        Some(total) => *total += &g,
+        None => *slot = Some(g),
+    }
 }
 
 /// g / std(g), std the unbiased standard deviation over all elements (`torch.std`: the sum of

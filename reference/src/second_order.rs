@@ -81,7 +81,7 @@ use eio_spec::Path;
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, IxDyn};
 
 use crate::loss::{cross_entropy, softmax};
-use crate::model::{self, to2, to4, Gradients, Trace};
+use crate::model::{self, accumulate, seeded, to2, to4, Gradients, Trace};
 use crate::ops;
 use crate::state::ModelState;
 
@@ -334,22 +334,8 @@ pub fn reverse_over_forward(
         tangents.len(),
         last + 1
     );
-    let mut primal: Vec<Option<ArrayD<f64>>> = vec![None; last + 1];
-    let mut tangent: Vec<Option<ArrayD<f64>>> = vec![None; last + 1];
-    for (slots, seeds) in [(&mut primal, seeds), (&mut tangent, tangent_seeds)] {
-        for (id, grad) in seeds {
-            assert!(
-                *id <= last,
-                "seed at node {id}, but the pass stopped at node {last}"
-            );
-            assert_eq!(
-                grad.shape(),
-                trace.outputs[*id].shape(),
-                "seed shape at node {id}"
-            );
-            add(&mut slots[*id], grad.clone());
-        }
-    }
+    let mut primal = seeded(trace, seeds);
+    let mut tangent = seeded(trace, tangent_seeds);
     let path = &trace.path;
     let mut result = SecondOrderGradients::default();
     let grads = &mut result.gradients;
@@ -364,10 +350,10 @@ pub fn reverse_over_forward(
         // x̄ and ẋ̄ contributions to input k of this node.
         let mut to_input = |k: usize, bar: Option<ArrayD<f64>>, dbar: Option<ArrayD<f64>>| {
             if let Some(bar) = bar {
-                add(&mut primal[node.inputs[k]], bar);
+                accumulate(&mut primal[node.inputs[k]], bar);
             }
             if let Some(dbar) = dbar {
-                add(&mut tangent[node.inputs[k]], dbar);
+                accumulate(&mut tangent[node.inputs[k]], dbar);
             }
         };
         // A linear map that is the same on both flows (its backward `f`).
@@ -506,13 +492,6 @@ pub fn reverse_over_forward(
         }
     }
     result
-}
-
-fn add(slot: &mut Option<ArrayD<f64>>, g: ArrayD<f64>) {
-    match slot {
-        Some(total) => *total += &g,
-        None => *slot = Some(g),
-    }
 }
 
 fn to1(a: &ArrayD<f64>) -> Array1<f64> {
