@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use crate::attack::{pgd, Member, Target};
 use crate::checkpoint::{write_atomically, Checkpoint, CheckpointError};
 use crate::evaluate::{EpsilonResult, WhiteBoxReport};
-use crate::train::to_tensors;
+use crate::train::range_tensors;
 
 /// The manifest's format tag.
 pub const FORMAT: &str = "eio-blackbox-suite/1";
@@ -141,10 +141,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// SHA-256 of the images as an engine sees them (each pixel's f32 `byte / 255`, little-endian)
+/// and their u32 labels.
 fn images_sha256(images: &Images) -> String {
     let mut h = Sha256::new();
-    for p in &images.pixels {
-        h.update(p.to_le_bytes());
+    for &p in &images.pixels {
+        h.update(eio_data::unit(p).to_le_bytes());
     }
     for l in &images.labels {
         h.update(l.to_le_bytes());
@@ -371,7 +373,6 @@ pub fn generate(
         ..GenerateSummary::default()
     };
     let seeds = Seeds::new(config.seed);
-    let (x_all, y_all) = (&images.images.pixels, &images.images.labels);
     for (done, job) in mine.iter().enumerate() {
         if interrupt.load(std::sync::atomic::Ordering::SeqCst) {
             summary.interrupted = true;
@@ -407,17 +408,10 @@ pub fn generate(
         let started = Instant::now();
         let target = surrogate.target();
         let n = images.images.len();
-        let per_image = images.images.shape.len();
-        let mut adversarial: Vec<f32> = Vec::with_capacity(x_all.len());
+        let mut adversarial: Vec<f32> = Vec::with_capacity(images.images.pixels.len());
         for (b, start) in (0..n).step_by(bb.batch_size).enumerate() {
             let end = (start + bb.batch_size).min(n);
-            let (x, y) = to_tensors(
-                x_all[start * per_image..end * per_image].to_vec(),
-                y_all[start..end].to_vec(),
-                &images.images,
-                device,
-                dtype,
-            )?;
+            let (x, y) = range_tensors(&images.images, start..end, device, dtype)?;
             let mut rng = seeds.stream(Stream::Blackbox, spec::job_stream_index(job, b));
             let adv = pgd(&target, &x, &y, &settings, &mut rng)?;
             adversarial.extend(adv.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
@@ -500,7 +494,7 @@ fn write_or_check_clean(dir: &FsPath, images: &Images, sha: &str) -> Result<(), 
         }
     }
     let s = &images.shape;
-    let pixels = f32_bytes(&images.pixels);
+    let pixels = f32_bytes(&images.unit_pixels());
     let labels: Vec<u8> = images.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
     let bytes = serialize(
         &path,
@@ -571,8 +565,15 @@ fn read_clean(dir: &FsPath) -> Result<Images, BlackboxError> {
             "images have shape {shape:?}, expected [N, C, H, W]"
         )));
     };
-    Images::new(eio_data::ImageShape::new(c, h, w), pixels, labels)
-        .map_err(|e| invalid(e.to_string()))
+    // Written from the test images, so every value is byte / 255 of a byte; anything else
+    // is a damaged or foreign file.
+    Images::from_unit(
+        eio_data::ImageShape::new(c, h, w),
+        &pixels,
+        labels,
+        "tensor \"images\"",
+    )
+    .map_err(|e| invalid(e.to_string()))
 }
 
 fn read_job(path: &FsPath) -> Result<(JobMeta, Vec<usize>, Vec<f32>), BlackboxError> {
@@ -698,7 +699,7 @@ impl Suite {
         let truth: Vec<usize> = self.clean.labels.iter().map(|&y| y as usize).collect();
         let clean = self.predict(
             target,
-            &self.clean.pixels,
+            &self.clean.unit_pixels(),
             batch_size,
             &seeds,
             SCORE_GATES - 1,

@@ -121,7 +121,9 @@ fn adversarial_accuracy(
 
 /// [`white_box`] (`source` = `victim`) or [`transfer`] over every image of `images`, in
 /// batches of `config.batch_size` (batch b's attacks draw from [`batch_stream_index`]`(·, b)`), with
-/// every figure combined over the batches. `progress` is called after each batch.
+/// every figure combined over the batches in batch order. As many batches as rayon's pool has
+/// threads run at a time ([`crate::train::batches_in_parallel`]), each converted to f32 only
+/// when it runs; the figures do not depend on that. `progress` is called after each batch.
 ///
 /// # Errors
 /// As [`white_box`].
@@ -143,21 +145,27 @@ pub fn evaluate_images(
     let mut robust: Vec<Vec<bool>> = vec![Vec::with_capacity(n); config.eps.len()];
     let mut per_version: Vec<std::collections::BTreeMap<String, f64>> =
         vec![Default::default(); config.eps.len()];
-    for b in 0..batches {
-        let idx: Vec<usize> = (b * size..((b + 1) * size).min(n)).collect();
-        let part = images.subset(&idx);
-        let count = idx.len() as f64;
-        let (x, y) = crate::train::to_tensors(part.pixels, part.labels, images, device, dtype)?;
-        let report = adversarial_accuracy(source, victim, &x, &y, config, seeds, b as u64)?;
-        clean_correct += report.clean_accuracy * count;
-        for (e, r) in report.per_eps.into_iter().enumerate() {
-            robust[e].extend(r.robustness.robust);
-            for (name, acc) in r.robustness.per_version {
-                *per_version[e].entry(name).or_default() += acc * count;
+    let range = |b: usize| b * size..((b + 1) * size).min(n);
+    crate::train::batches_in_parallel(
+        batches,
+        rayon::current_num_threads(),
+        |b| {
+            let (x, y) = crate::train::range_tensors(images, range(b), device, dtype)?;
+            adversarial_accuracy(source, victim, &x, &y, config, seeds, b as u64)
+        },
+        |b, report| {
+            let count = range(b).len() as f64;
+            clean_correct += report.clean_accuracy * count;
+            for (e, r) in report.per_eps.into_iter().enumerate() {
+                robust[e].extend(r.robustness.robust);
+                for (name, acc) in r.robustness.per_version {
+                    *per_version[e].entry(name).or_default() += acc * count;
+                }
             }
-        }
-        progress(b + 1, batches);
-    }
+            progress(b + 1, batches);
+            Ok::<(), EngineError>(())
+        },
+    )?;
     let total = n.max(1) as f64;
     let per_eps = config
         .eps

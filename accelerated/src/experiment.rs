@@ -299,8 +299,7 @@ pub fn fold(
     let state = &checkpoint.members[0];
     let folded = FoldedNetwork::fold(&plan, state)?;
     let n = images.len().min(256);
-    let part = images.subset(&(0..n).collect::<Vec<_>>());
-    let (x, _) = train::to_tensors(part.pixels, part.labels, images, device, checkpoint.dtype())?;
+    let (x, _) = train::range_tensors(images, 0..n, device, checkpoint.dtype())?;
     let path = Checkpoint::plain_path(&plan);
     let (z, _) = crate::model::logits(&plan, state, &path, &x, BnMode::Eval)?;
     let zf = folded.logits(&x)?;

@@ -11,7 +11,7 @@ use eio_spec::sanity::{self, Flag};
 use crate::attack::Target;
 use crate::evaluate::evaluate_images;
 use crate::experiment::{EvalReport, ExperimentError, Protocol, WHITE_BOX};
-use crate::train::to_tensors;
+use crate::train::range_tensors;
 
 /// Accuracy of an undefended model at its largest ε above this is flagged.
 pub const UNDEFENDED_BOUND: f64 = 0.05;
@@ -83,8 +83,7 @@ pub fn gradient_masking(
     let n = images.len();
     for start in (0..n).step_by(config.batch_size.max(1)) {
         let end = (start + config.batch_size.max(1)).min(n);
-        let part = images.subset(&(start..end).collect::<Vec<_>>());
-        let (x, y) = to_tensors(part.pixels, part.labels, images, device, dtype)?;
+        let (x, y) = range_tensors(images, start..end, device, dtype)?;
         let (_, grad) =
             target.loss_and_input_grad(&x, &y, loss, config.cw_kappa, None, &mut rng)?;
         let grad = grad.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;

@@ -337,10 +337,96 @@ pub fn to_tensors(
     Ok((x, y))
 }
 
+/// Images `range` of `images` as device tensors `[n, C, H, W]` and `[n]` (u32): only these
+/// images are converted to f32 in [0, 1] (`byte / 255`, [`eio_data::unit`]), so a whole data
+/// set is never held as f32.
+///
+/// # Errors
+/// A device error.
+///
+/// # Panics
+/// When `range` is not within `0..images.len()`.
+pub fn range_tensors(
+    images: &Images,
+    range: std::ops::Range<usize>,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let labels = images.labels[range.clone()].to_vec();
+    to_tensors(images.unit_range(range), labels, images, device, dtype)
+}
+
+/// Runs `work(b)` for the batches `0..batches` on `threads` loops at once on rayon's pool (the
+/// pool the kernels split their loops over), and hands each result to `done` in batch order,
+/// on the calling thread.
+///
+/// Each loop takes the next batch not yet taken until none is left, so a loop that finishes
+/// early starts the next batch at once (no waiting for the slowest batch of a group), and at
+/// most `threads` batches are in flight, so the memory stays that of `threads` batches. With
+/// the cores shared between batches, ops that run on one core keep every core busy. The
+/// calling thread runs one of the loops and hands on the results ready so far after each of
+/// its batches (so `done` may come in bursts), then the rest.
+///
+/// # Errors
+/// The error of the first batch in batch order that fails, or the first error of `done`; no
+/// batch is started after an error, and no later result is handed on.
+pub fn batches_in_parallel<T: Send, E: Send>(
+    batches: usize,
+    threads: usize,
+    work: impl Fn(usize) -> Result<T, E> + Sync,
+    mut done: impl FnMut(usize, T) -> Result<(), E>,
+) -> Result<(), E> {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let slots: Mutex<Vec<Option<Result<T, E>>>> = Mutex::new((0..batches).map(|_| None).collect());
+    let take = |slot: &mut Option<Result<T, E>>| slot.take();
+    // One loop: batches until none is left or one has failed.
+    let run_loop = |after_each: &mut dyn FnMut()| loop {
+        if failed.load(Ordering::SeqCst) {
+            break;
+        }
+        let b = next.fetch_add(1, Ordering::SeqCst);
+        if b >= batches {
+            break;
+        }
+        let result = work(b);
+        if result.is_err() {
+            failed.store(true, Ordering::SeqCst);
+        }
+        slots.lock().unwrap_or_else(|e| e.into_inner())[b] = Some(result);
+        after_each();
+    };
+    let mut handed = 0;
+    let mut outcome: Result<(), E> = Ok(());
+    // Hands on the results ready from batch `handed` on, in order, stopping at an error.
+    let mut flush = |handed: &mut usize, outcome: &mut Result<(), E>| {
+        while outcome.is_ok() && *handed < batches {
+            let ready = take(&mut slots.lock().unwrap_or_else(|e| e.into_inner())[*handed]);
+            let Some(result) = ready else { break };
+            *outcome = result.and_then(|value| done(*handed, value));
+            if outcome.is_err() {
+                failed.store(true, Ordering::SeqCst);
+            }
+            *handed += 1;
+        }
+    };
+    rayon::in_place_scope(|scope| {
+        for _ in 1..threads.max(1) {
+            scope.spawn(|_| run_loop(&mut || {}));
+        }
+        run_loop(&mut || flush(&mut handed, &mut outcome));
+    });
+    flush(&mut handed, &mut outcome);
+    outcome
+}
+
 /// Accuracy of `target` on `images`, in batches of `batch_size` (a randomised target draws
 /// its paths from `rng`, batch after batch). A fixed target's batches run concurrently on the
-/// kernels' thread pool (the count does not depend on the order), so every core is busy even in
-/// the ops that run on one.
+/// kernels' thread pool, as many at a time as the pool has threads
+/// ([`batches_in_parallel`]; the count does not depend on the order), so every core is busy
+/// even in the ops that run on one, and only those batches are held as f32.
 ///
 /// # Errors
 /// A device error.
@@ -352,40 +438,43 @@ pub fn accuracy<R: rand::Rng + ?Sized>(
     dtype: DType,
     rng: &mut R,
 ) -> candle_core::Result<f64> {
-    use rayon::prelude::*;
     let n = images.len();
     if n == 0 {
         return Ok(0.0);
     }
-    let correct_in = |start: usize, rng: &mut dyn rand::RngCore| -> candle_core::Result<usize> {
-        let idx: Vec<usize> = (start..(start + batch_size).min(n)).collect();
-        let part = images.subset(&idx);
-        let (x, _) = to_tensors(part.pixels, part.labels.clone(), images, device, dtype)?;
+    let size = batch_size.max(1);
+    let correct_in = |b: usize, rng: &mut dyn rand::RngCore| -> candle_core::Result<usize> {
+        let range = b * size..((b + 1) * size).min(n);
+        let (x, _) = range_tensors(images, range.clone(), device, dtype)?;
         let predicted = target.predict(&x, rng)?;
         Ok(predicted
             .iter()
-            .zip(&part.labels)
+            .zip(&images.labels[range])
             .filter(|(p, &y)| **p == y as usize)
             .count())
     };
-    let starts: Vec<usize> = (0..n).step_by(batch_size.max(1)).collect();
-    let correct: usize = if matches!(target, Target::Randomised { .. }) {
-        let mut total = 0;
-        for &start in &starts {
+    let batches = n.div_ceil(size);
+    let mut correct = 0;
+    if matches!(target, Target::Randomised { .. }) {
+        for b in 0..batches {
             let mut rng: &mut R = &mut *rng;
-            total += correct_in(start, &mut rng)?;
+            correct += correct_in(b, &mut rng)?;
         }
-        total
     } else {
         // A fixed target draws nothing; each batch gets a generator it never reads.
-        starts
-            .par_iter()
-            .map(|&start| {
+        batches_in_parallel(
+            batches,
+            rayon::current_num_threads(),
+            |b| {
                 let mut unread = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-                correct_in(start, &mut unread)
-            })
-            .sum::<candle_core::Result<usize>>()?
-    };
+                correct_in(b, &mut unread)
+            },
+            |_, c| {
+                correct += c;
+                Ok(())
+            },
+        )?;
+    }
     Ok(correct as f64 / n as f64)
 }
 
@@ -521,7 +610,7 @@ pub fn train(
                         TARGET_AUGMENTATION | augment_stream_index(progress.global_epoch, b);
                     augment_targets(&mut t, aug, &mut seeds.stream(Stream::Augmentation, index));
                 }
-                Some(to_tensors(t.pixels, t.labels, &data.train, device, dtype)?.0)
+                Some(to_tensors(t.unit_pixels(), t.labels, &data.train, device, dtype)?.0)
             };
             let ctx = StepContext {
                 config: &config,
@@ -631,12 +720,13 @@ pub fn augment_draws<R: rand::RngCore + ?Sized>(
 }
 
 /// Crops and flips every image of `images` in place with draws from `rng`
-/// ([`augment_draws`]).
+/// ([`augment_draws`]), on the stored bytes (the same values as cropping the converted f32
+/// pixels, see [`augment_image`]).
 fn augment_targets<R: rand::RngCore + ?Sized>(images: &mut Images, augment: Augment, rng: &mut R) {
     let shape = images.shape;
     let l = shape.len();
     let draws = augment_draws(images.len(), augment, rng);
-    let mut out = vec![0.0f32; l];
+    let mut out = vec![0u8; l];
     for (k, draw) in draws.into_iter().enumerate() {
         augment_image(images.image(k), shape, augment.padding, draw, &mut out);
         images.pixels[k * l..(k + 1) * l].copy_from_slice(&out);

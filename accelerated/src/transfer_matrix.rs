@@ -73,22 +73,14 @@ fn correct(predicted: &[usize], truth: &[usize]) -> Vec<bool> {
     predicted.iter().zip(truth).map(|(p, y)| p == y).collect()
 }
 
-/// `images` on the device in `dtype`, with u32 labels.
+/// `images` on the device in `dtype` (pixels in [0, 1], `byte / 255`), with u32 labels.
 fn upload(images: &Images, device: &Device, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
-    let s = &images.shape;
-    let n = images.len();
-    let x = Tensor::from_vec(
-        images.pixels.clone(),
-        (n, s.channels, s.height, s.width),
-        device,
-    )?
-    .to_dtype(dtype)?;
-    let y = Tensor::from_vec(images.labels.clone(), n, device)?;
-    Ok((x, y))
+    crate::train::range_tensors(images, 0..images.len(), device, dtype)
 }
 
 /// Per member: which images of `images` it classifies correctly, clean (eval-mode BN), in
-/// batches of `batch_size` run concurrently.
+/// batches of `batch_size`, as many at a time as rayon's pool has threads
+/// ([`crate::train::batches_in_parallel`]).
 ///
 /// # Errors
 /// A device error.
@@ -99,17 +91,16 @@ pub fn member_correct(
     device: &Device,
     dtype: DType,
 ) -> Result<Vec<Vec<bool>>, TransferMatrixError> {
-    use rayon::prelude::*;
     let n = images.len();
     let size = batch_size.max(1);
-    let starts: Vec<usize> = (0..n).step_by(size).collect();
-    let per_batch = starts
-        .par_iter()
-        .map(|&start| -> candle_core::Result<Vec<Vec<bool>>> {
-            let idx: Vec<usize> = (start..(start + size).min(n)).collect();
-            let part = images.subset(&idx);
-            let (x, _) = upload(&part, device, dtype)?;
-            let truth: Vec<usize> = part.labels.iter().map(|&y| y as usize).collect();
+    let mut out: Vec<Vec<bool>> = vec![Vec::with_capacity(n); members.len()];
+    crate::train::batches_in_parallel(
+        n.div_ceil(size),
+        rayon::current_num_threads(),
+        |b| -> candle_core::Result<Vec<Vec<bool>>> {
+            let range = b * size..((b + 1) * size).min(n);
+            let (x, _) = crate::train::range_tensors(images, range.clone(), device, dtype)?;
+            let truth: Vec<usize> = images.labels[range].iter().map(|&y| y as usize).collect();
             members
                 .iter()
                 .map(|m| {
@@ -117,11 +108,15 @@ pub fn member_correct(
                     Ok(correct(&first_argmax(&z)?, &truth))
                 })
                 .collect()
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok((0..members.len())
-        .map(|m| per_batch.iter().flat_map(|b| b[m].clone()).collect())
-        .collect())
+        },
+        |_, per_member| {
+            for (all, batch) in out.iter_mut().zip(per_member) {
+                all.extend(batch);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(out)
 }
 
 /// The N x (N + 1) matrix of `members` on `x` (`[n, C, H, W]`, the chosen subset) with

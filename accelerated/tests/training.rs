@@ -55,13 +55,13 @@ fn tiny(method: Method) -> Config {
     c
 }
 
-/// Seeded random images (20 train — the last batch is partial —, 6 validation, 10 test); no
+/// Seeded random pixel bytes (20 train — the last batch is partial —, 6 validation, 10 test); no
 /// validation images when `data.validation = 0`.
 fn data(config: &Config) -> DataSplits {
     let shape = ImageShape::new(3, config.model.input_size, config.model.input_size);
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     let mut images = |n: usize| {
-        let pixels = (0..n * shape.len()).map(|_| rng.random::<f32>()).collect();
+        let pixels = (0..n * shape.len()).map(|_| rng.random::<u8>()).collect();
         let labels = (0..n).map(|i| (i % config.model.classes) as u32).collect();
         Images::new(shape, pixels, labels).expect("consistent sizes")
     };
@@ -530,14 +530,8 @@ fn a_derived_path_computes_what_the_rgn_computes_on_it() {
         let plan = config.plan().unwrap();
         let state = perturbed_state(&config, DType::F64);
         let data = data(&config);
-        let (x, _) = train::to_tensors(
-            data.test.pixels.clone(),
-            data.test.labels.clone(),
-            &data.test,
-            &Device::Cpu,
-            DType::F64,
-        )
-        .unwrap();
+        let (x, _) =
+            train::range_tensors(&data.test, 0..data.test.len(), &Device::Cpu, DType::F64).unwrap();
         for bits in [0u128, 1, 0b1011010] {
             let path = plan.path_space().path_at(bits).unwrap();
             let (derived_config, derived) = derive_path(&config, &state, &path).unwrap();
@@ -565,14 +559,8 @@ fn folded_batch_norm_gives_the_unfolded_logits() {
         let plan = config.plan().unwrap();
         let state = perturbed_state(&config, dtype);
         let data = data(&config);
-        let (x, _) = train::to_tensors(
-            data.test.pixels.clone(),
-            data.test.labels.clone(),
-            &data.test,
-            &Device::Cpu,
-            dtype,
-        )
-        .unwrap();
+        let (x, _) =
+            train::range_tensors(&data.test, 0..data.test.len(), &Device::Cpu, dtype).unwrap();
         let folded = FoldedNetwork::fold(&plan, &state).unwrap();
         let summary = folded.summary();
         assert_eq!(summary.unfolded_batch_norms, 0);
@@ -778,4 +766,144 @@ fn target_images_are_augmented_from_their_own_stream() {
         off.to_bits(),
         "x_t augmentation changes Eq. 2"
     );
+}
+
+/// Evaluation runs its batches concurrently on rayon's pool, converting each batch's bytes as
+/// it runs: clean accuracy and the all-or-nothing PGD figures must be the same on 1, 2 and 3
+/// threads (the same as one batch after another), the clean accuracy must be the count of
+/// right first-maximum predictions over all images at once, and progress must come in order.
+#[test]
+fn evaluation_does_not_depend_on_the_thread_count() {
+    use eio_accelerated::attack::Target;
+    use eio_accelerated::evaluate::evaluate_images;
+    let mut config = tiny(Method::Eio);
+    config.eval.eps = vec![0.01, 0.05];
+    config.eval.steps = 2;
+    config.eval.restarts = 2;
+    config.eval.batch_size = 3;
+    let plan = config.plan().unwrap();
+    let state = perturbed_state(&config, DType::F32);
+    let path = plan.path_space().path_at(1).unwrap();
+    let target = Target::Path {
+        plan: &plan,
+        state: &state,
+        path: &path,
+        mode: BnMode::Eval,
+    };
+    let test = data(&config).test;
+    let seeds = Seeds::new(config.seed);
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("thread pool")
+            .install(|| {
+                let mut calls = Vec::new();
+                let report = evaluate_images(
+                    &target,
+                    &target,
+                    &test,
+                    &config.eval,
+                    &seeds,
+                    &Device::Cpu,
+                    DType::F32,
+                    &mut |b, n| calls.push((b, n)),
+                )
+                .unwrap();
+                let mut unread = ChaCha8Rng::seed_from_u64(0);
+                let clean =
+                    train::accuracy(&target, &test, 3, &Device::Cpu, DType::F32, &mut unread)
+                        .unwrap();
+                (report, calls, clean)
+            })
+    };
+    let (one, calls, clean) = on(1);
+    assert_eq!(calls, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    let (x, _) = train::range_tensors(&test, 0..test.len(), &Device::Cpu, DType::F32).unwrap();
+    let right = target
+        .predict(&x, &mut ChaCha8Rng::seed_from_u64(0))
+        .unwrap()
+        .iter()
+        .zip(&test.labels)
+        .filter(|(p, &y)| **p == y as usize)
+        .count();
+    assert_eq!(clean, right as f64 / test.len() as f64);
+    assert_eq!(one.clean_accuracy, clean);
+    assert_eq!(one.per_eps.len(), 2);
+    assert_eq!(one.per_eps[0].robustness.robust.len(), test.len());
+    for threads in [2, 3] {
+        let (other, other_calls, other_clean) = on(threads);
+        assert_eq!(other, one, "{threads} threads");
+        assert_eq!(other_calls, calls, "{threads} threads");
+        assert_eq!(other_clean.to_bits(), clean.to_bits(), "{threads} threads");
+    }
+}
+
+/// `batches_in_parallel` hands results on in batch order, stops at the first failing batch in
+/// that order, and never has more than `threads` batches in flight.
+#[test]
+fn batches_in_parallel_keeps_order_and_bounds_the_batches_in_flight() {
+    use std::sync::atomic::AtomicUsize;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .expect("thread pool");
+    for threads in [1, 2, 3] {
+        let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let mut seen = Vec::new();
+        pool.install(|| {
+            train::batches_in_parallel(
+                10,
+                threads,
+                |b| {
+                    let inside = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(inside, Ordering::SeqCst);
+                    // Later batches of a group finish first.
+                    std::thread::sleep(std::time::Duration::from_millis(5 * (3 - b as u64 % 3)));
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<usize, String>(b * b)
+                },
+                |b, v| {
+                    seen.push((b, v));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        });
+        assert_eq!(seen, (0..10).map(|b| (b, b * b)).collect::<Vec<_>>());
+        assert!(most.load(Ordering::SeqCst) <= threads, "{threads} threads");
+    }
+    let mut seen = Vec::new();
+    let err = pool.install(|| {
+        train::batches_in_parallel(
+            7,
+            3,
+            |b| {
+                if b == 4 || b == 5 {
+                    Err(format!("batch {b}"))
+                } else {
+                    Ok(b)
+                }
+            },
+            |b, _| {
+                seen.push(b);
+                Ok(())
+            },
+        )
+    });
+    assert_eq!(err, Err("batch 4".to_string()));
+    assert_eq!(seen, vec![0, 1, 2, 3]);
+    // `done` runs on the calling thread (it need not be Send, as a progress bar is not), and
+    // its error stops the run; 0 threads means 1.
+    let not_send = std::rc::Rc::new(std::cell::Cell::new(0));
+    let err = train::batches_in_parallel(9, 0, Ok::<usize, String>, |b, _| {
+        not_send.set(not_send.get() + 1);
+        if b == 2 {
+            Err("done 2".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!(err, Err("done 2".to_string()));
+    assert_eq!(not_send.get(), 3);
 }

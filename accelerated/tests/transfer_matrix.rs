@@ -42,7 +42,7 @@ fn test_images(dir: &FsPath) -> eio_data::Images {
 fn predictions(plan: &Plan, state: &ModelState, path: &Path, images: &eio_data::Images) -> Vec<u8> {
     let s = &images.shape;
     let x = Tensor::from_vec(
-        images.pixels.clone(),
+        images.unit_pixels(),
         (images.len(), s.channels, s.height, s.width),
         &Device::Cpu,
     )

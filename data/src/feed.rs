@@ -18,7 +18,7 @@
 use eio_spec::config::DataConfig;
 use eio_spec::rng::{Seeds, Stream};
 
-use crate::images::{ImageShape, Images};
+use crate::images::{unit, ImageShape, Images};
 use crate::split::{below, permutation};
 
 /// Random crop with zero padding and random horizontal flip (the standard CIFAR training
@@ -61,16 +61,44 @@ pub fn augment_stream_index(epoch: usize, batch: usize) -> u64 {
 
 /// Applies one draw to one image (C, H, W values): with `p = padding`,
 /// `out[c][y][x] = src[c][y + top - p][x' + left - p]` where `x' = W-1-x` when flipped, else
-/// `x`, and 0 where that falls outside the image.
+/// `x`, and 0 (`T::default()`) where that falls outside the image. Works on the stored bytes
+/// (u8) as on f32 pixels: it only moves values and writes zeros, so augmenting the bytes and
+/// then converting gives the same f32 values as converting then augmenting.
 ///
 /// # Panics
 /// When `src` or `out` is not `shape.len()` long.
-pub fn augment_image(
-    src: &[f32],
+pub fn augment_image<T: Copy + Default>(
+    src: &[T],
+    shape: ImageShape,
+    padding: usize,
+    draw: AugmentDraw,
+    out: &mut [T],
+) {
+    augment_map(src, shape, padding, draw, out, |v| v);
+}
+
+/// [`augment_image`] of an image's bytes, written as f32 in [0, 1] ([`unit()`]): what
+/// [`EpochPlan::batch`] gives an engine.
+///
+/// # Panics
+/// When `src` or `out` is not `shape.len()` long.
+pub fn augment_unit(
+    src: &[u8],
     shape: ImageShape,
     padding: usize,
     draw: AugmentDraw,
     out: &mut [f32],
+) {
+    augment_map(src, shape, padding, draw, out, unit);
+}
+
+fn augment_map<S: Copy, D: Copy + Default>(
+    src: &[S],
+    shape: ImageShape,
+    padding: usize,
+    draw: AugmentDraw,
+    out: &mut [D],
+    convert: impl Fn(S) -> D,
 ) {
     let (c, h, w) = (shape.channels, shape.height, shape.width);
     assert_eq!(src.len(), shape.len(), "augment_image: source length");
@@ -84,8 +112,8 @@ pub fn augment_image(
                 let xx = if draw.flip { w - 1 - x } else { x };
                 let sx = (xx + draw.left).checked_sub(padding).filter(|&sx| sx < w);
                 dst[y * w + x] = match (sy, sx) {
-                    (Some(sy), Some(sx)) => plane[sy * w + sx],
-                    _ => 0.0,
+                    (Some(sy), Some(sx)) => convert(plane[sy * w + sx]),
+                    _ => D::default(),
                 };
             }
         }
@@ -95,7 +123,8 @@ pub fn augment_image(
 /// One batch of training images, ready for an engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
-    /// `len` images, C·H·W values each, as [`Images::pixels`].
+    /// `len` images, C·H·W values each, laid out as [`Images::pixels`], as f32 in [0, 1]
+    /// (`byte / 255`, [`unit()`]).
     pub pixels: Vec<f32>,
     pub labels: Vec<u32>,
     pub len: usize,
@@ -178,7 +207,8 @@ impl EpochPlan {
             .collect()
     }
 
-    /// Batch `b` of `images`, augmented when `augment` is Some.
+    /// Batch `b` of `images`, augmented when `augment` is Some, converted to f32 in [0, 1]
+    /// (only this batch's images are converted).
     ///
     /// # Panics
     /// When `b >= self.batches()` or `images.len()` is not the `train_len` of [`EpochPlan::new`].
@@ -195,16 +225,12 @@ impl EpochPlan {
         let mut pixels = vec![0.0f32; indices.len() * l];
         let labels = indices.iter().map(|&i| images.labels[i]).collect();
         match augment {
-            None => {
-                for (dst, &i) in pixels.chunks_exact_mut(l.max(1)).zip(&indices) {
-                    dst.copy_from_slice(images.image(i));
-                }
-            }
+            None => images.write_unit(&indices, &mut pixels),
             Some(aug) => {
                 let draws = self.augment_draws(b, aug);
                 for ((dst, &i), draw) in pixels.chunks_exact_mut(l.max(1)).zip(&indices).zip(draws)
                 {
-                    augment_image(images.image(i), images.shape, aug.padding, draw, dst);
+                    augment_unit(images.image(i), images.shape, aug.padding, draw, dst);
                 }
             }
         }

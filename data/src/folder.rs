@@ -12,7 +12,7 @@ use std::path::Path;
 
 use image::DynamicImage;
 
-use crate::images::{unit, ImageShape, Images};
+use crate::images::{ImageShape, Images};
 use crate::tree::Tree;
 use crate::DataError;
 
@@ -55,7 +55,7 @@ fn hidden(name: &str) -> bool {
     name.starts_with('.')
 }
 
-/// Decodes one image file to C, H, W values in [0, 1].
+/// Decodes one image file to its C, H, W bytes (the values an engine sees are these / 255).
 ///
 /// # Errors
 /// [`DataError::Decode`] naming `origin`; [`DataError::BadHeader`] for a channel count other
@@ -64,7 +64,7 @@ pub fn decode_image(
     bytes: &[u8],
     origin: &str,
     channels: Channels,
-) -> Result<(ImageShape, Vec<f32>), DataError> {
+) -> Result<(ImageShape, Vec<u8>), DataError> {
     // A decoder bug must not take the run down: a panic inside the decoder is reported as this
     // file's decode error.
     let decoded =
@@ -100,11 +100,14 @@ pub fn decode_image(
         1 => DynamicImage::into_luma8(img).into_raw(),
         _ => DynamicImage::into_rgb8(img).into_raw(),
     };
+    if c == 1 {
+        return Ok((ImageShape::new(1, h, w), interleaved));
+    }
     // HWC (interleaved) -> CHW.
-    let mut out = vec![0.0f32; c * h * w];
+    let mut out = vec![0u8; c * h * w];
     for (p, px) in interleaved.chunks_exact(c).enumerate() {
         for (ch, &v) in px.iter().enumerate() {
-            out[ch * h * w + p] = unit(v);
+            out[ch * h * w + p] = v;
         }
     }
     Ok((ImageShape::new(c, h, w), out))
@@ -167,87 +170,67 @@ fn list_split(tree: &Tree, root: &str, split: Split) -> Result<SplitFiles, DataE
     Ok((classes, files))
 }
 
-/// Decodes `jobs` (relative path, label) on up to `available_parallelism` threads; results in
-/// job order.
-fn decode_all(
-    tree: &Tree,
-    jobs: &[(String, u32)],
-    channels: Channels,
-) -> Vec<Result<(ImageShape, Vec<f32>), DataError>> {
-    let one = |rel: &String| {
-        let origin = tree.origin(rel);
-        tree.with_bytes(rel, |bytes| decode_image(bytes, &origin, channels))
-    };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(16);
-    if threads <= 1 || jobs.len() < 64 {
-        return jobs.iter().map(|(rel, _)| one(rel)).collect();
-    }
-    let chunk = jobs.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = jobs
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(|(rel, _)| one(rel)).collect()))
-            .collect();
-        let mut out: Vec<Result<(ImageShape, Vec<f32>), DataError>> = Vec::new();
-        for (h, part) in handles.into_iter().zip(jobs.chunks(chunk)) {
-            match h.join() {
-                Ok(results) => out.extend::<Vec<_>>(results),
-                // Decoder panics are caught per file in `decode_image`; should a thread still
-                // die, the chunk's first file is reported rather than taking the process down.
-                Err(_) => {
-                    let origin = tree.origin(&part[0].0);
-                    out.push(Err(DataError::Decode {
-                        origin,
-                        source: image::ImageError::IoError(std::io::Error::other(
-                            "image decoder panicked on a file of this batch",
-                        )),
-                    }));
-                    return out;
-                }
-            }
-        }
-        out
-    })
-}
-
 /// Reads one split of the layout under `root` of `tree`.
+///
+/// The files are decoded on rayon's pool, each straight into its place in the split's pixel
+/// buffer, so the images keep the listing order (class by class, each class in name order)
+/// whatever the thread count, and the split is held once. The first image (in that order)
+/// fixes the shape; the error returned is that of the first file in order that fails to
+/// decode or differs in shape, as a one-file-at-a-time reader would report.
 pub(crate) fn read_split(
     tree: &Tree,
     root: &str,
     split: Split,
     channels: Channels,
 ) -> Result<(Images, Vec<String>), DataError> {
+    use rayon::prelude::*;
     let (classes, files) = list_split(tree, root, split)?;
     let jobs: Vec<(String, u32)> = files
         .into_iter()
         .enumerate()
         .flat_map(|(k, images)| images.into_iter().map(move |rel| (rel, k as u32)))
         .collect();
-    let decoded = decode_all(tree, &jobs, channels);
-    let mut shape = None;
-    let mut pixels = Vec::new();
-    let mut labels = Vec::with_capacity(jobs.len());
-    for ((rel, label), result) in jobs.iter().zip(decoded) {
-        let (s, values) = result?;
-        let expected = *shape.get_or_insert(s);
-        if s != expected {
+    let decode = |rel: &String| {
+        let origin = tree.origin(rel);
+        tree.with_bytes(rel, |bytes| decode_image(bytes, &origin, channels))
+    };
+    // `classes` is non-empty and every class has an image, so there is a first job.
+    let Some((first_rel, _)) = jobs.first() else {
+        return Ok((Images::empty(ImageShape::new(0, 0, 0)), classes));
+    };
+    let (shape, first) = decode(first_rel)?;
+    let l = shape.len();
+    let place = |rel: &String, dst: &mut [u8]| -> Result<(), DataError> {
+        let (s, values) = decode(rel)?;
+        if s != shape {
             return Err(DataError::WrongImageSize {
                 origin: tree.origin(rel),
-                expected,
+                expected: shape,
                 found: s,
             });
         }
-        if pixels.is_empty() {
-            pixels.reserve(jobs.len() * s.len());
-        }
-        pixels.extend(values);
-        labels.push(*label);
+        dst.copy_from_slice(&values);
+        Ok(())
+    };
+    let mut pixels = vec![0u8; jobs.len() * l];
+    pixels[..l].copy_from_slice(&first);
+    let results: Vec<Result<(), DataError>> = if l == 0 {
+        // Images without pixels (no decoder gives them) have nothing to place.
+        jobs[1..]
+            .par_iter()
+            .map(|(rel, _)| place(rel, &mut []))
+            .collect()
+    } else {
+        pixels[l..]
+            .par_chunks_mut(l)
+            .zip(&jobs[1..])
+            .map(|(dst, (rel, _))| place(rel, dst))
+            .collect()
+    };
+    if let Some(e) = results.into_iter().find_map(Result::err) {
+        return Err(e);
     }
-    // `classes` is non-empty and every class has an image, so `shape` is set.
-    let shape = shape.unwrap_or(ImageShape::new(0, 0, 0));
+    let labels = jobs.iter().map(|(_, label)| *label).collect();
     Ok((Images::new(shape, pixels, labels)?, classes))
 }
 

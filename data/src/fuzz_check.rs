@@ -6,8 +6,9 @@
 //! of its input) and:
 //! 1. on success, the counts agree with the bytes: IDX `16 + N·rows·cols` (images) or `8 + N`
 //!    (labels) bytes; CIFAR `N · (label bytes + 3072)`;
-//! 2. on success, every pixel is `byte / 255` of its byte (so in [0, 1]) and every label is the
-//!    byte it was read from, within the format's range for CIFAR;
+//! 2. on success, every pixel is the byte it was read from (which an engine sees as
+//!    `byte / 255`, in [0, 1]) and every label is the byte it was read from, within the
+//!    format's range for CIFAR;
 //! 3. on failure, the message names the origin.
 
 use crate::cifar::CIFAR_IMAGE_BYTES;
@@ -122,13 +123,14 @@ pub fn check_cifar(data: &[u8]) -> Result<(), String> {
     }
 }
 
-fn check_pixels(pixels: &[f32], bytes: &[u8]) -> Result<(), String> {
+fn check_pixels(pixels: &[u8], bytes: &[u8]) -> Result<(), String> {
     if pixels.len() != bytes.len() {
         return Err(format!("{} pixels for {} bytes", pixels.len(), bytes.len()));
     }
     for (i, (&p, &b)) in pixels.iter().zip(bytes).enumerate() {
-        if p != f32::from(b) / 255.0 || !(0.0..=1.0).contains(&p) {
-            return Err(format!("pixel {i} is {p} for byte {b}"));
+        let v = crate::unit(p);
+        if p != b || v != f32::from(b) / 255.0 || !(0.0..=1.0).contains(&v) {
+            return Err(format!("pixel {i} is {p} ({v}) for byte {b}"));
         }
     }
     Ok(())

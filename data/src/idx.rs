@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::images::{unit, ImageShape, Images};
+use crate::images::{ImageShape, Images};
 use crate::{read_file_maybe_gz, DataError};
 
 /// Magic number of an IDX file of unsigned-byte images (3 dimensions).
@@ -97,13 +97,13 @@ fn exact_body(
 /// Parses an IDX image file (`0x00000803`, N x rows x cols unsigned bytes) already in memory
 /// (not gzipped). `origin` names it in errors.
 ///
-/// Returns the shape (1 x rows x cols) and N·rows·cols pixels in [0, 1].
+/// Returns the shape (1 x rows x cols) and the N·rows·cols pixel bytes.
 ///
 /// # Errors
 /// [`DataError::Truncated`] (header or pixels cut short), [`DataError::BadMagic`],
 /// [`DataError::BadHeader`] (zero rows or columns, sizes that overflow),
 /// [`DataError::TrailingBytes`].
-pub fn parse_idx_images(bytes: &[u8], origin: &str) -> Result<(ImageShape, Vec<f32>), DataError> {
+pub fn parse_idx_images(bytes: &[u8], origin: &str) -> Result<(ImageShape, Vec<u8>), DataError> {
     let (dims, body) = idx_header(
         bytes,
         origin,
@@ -127,10 +127,7 @@ pub fn parse_idx_images(bytes: &[u8], origin: &str) -> Result<(ImageShape, Vec<f
         format!("{n} images of {rows}x{cols}"),
     )?;
     // Only now, with the size matching the bytes present, allocate.
-    Ok((
-        ImageShape::new(1, rows, cols),
-        body.iter().copied().map(unit).collect(),
-    ))
+    Ok((ImageShape::new(1, rows, cols), body.to_vec()))
 }
 
 /// Parses an IDX label file (`0x00000801`, N unsigned bytes) already in memory (not gzipped).

@@ -2,9 +2,12 @@
 //! seeded choices made with them.
 //!
 //! * Readers ([`read_cifar_binary`], [`read_image_folder`], [`read_idx`], and the byte-level
-//!   [`parse_cifar_records`], [`parse_idx_images`], [`parse_idx_labels`]) give [`Images`]: f32
-//!   pixels in [0, 1] (byte / 255; normalisation is the model's first op, protocols.md), one
-//!   image after another, each C, H, W row-major, with u32 labels.
+//!   [`parse_cifar_records`], [`parse_idx_images`], [`parse_idx_labels`]) give [`Images`]: the
+//!   pixel bytes the files hold, one image after another, each C, H, W row-major, with u32
+//!   labels. Engines take them as f32 in [0, 1] (byte / 255, [`unit()`]; normalisation is the
+//!   model's first op, protocols.md), converted one batch at a time
+//!   ([`Images::unit_range`], [`Images::write_unit`], [`EpochPlan::batch`]). Image folders are
+//!   decoded in parallel, into the images' file order.
 //! * [`load`] reads the data set a [`Config`] names, checks it against the model config, and
 //!   applies `data.train_limit` and the `data.validation` hold-out ([`split::holdout`]).
 //! * [`eval_subset`] is the fixed evaluation subset; [`EpochPlan`] is the per-epoch order,
@@ -40,7 +43,7 @@ pub use error::DataError;
 pub use feed::{Augment, AugmentDraw, Batch, EpochPlan};
 pub use folder::{read_image_folder, read_image_folder_with, Channels, Split};
 pub use idx::{parse_idx_images, parse_idx_labels, read_idx};
-pub use images::{ImageShape, Images};
+pub use images::{unit, ImageShape, Images};
 pub use split::{eval_subset, holdout, Holdout};
 
 use tree::Tree;
@@ -379,9 +382,16 @@ pub fn load(config: &Config, seeds: &Seeds) -> Result<DataSplits, DataError> {
         config.data.train_limit,
         seeds,
     )?;
+    let validation = data.train.subset(&h.validation);
+    // `h.train` is ascending, so keeping every image is the identity: no copy.
+    let train = if h.train.len() == data.train.len() {
+        data.train
+    } else {
+        data.train.subset(&h.train)
+    };
     Ok(DataSplits {
-        validation: data.train.subset(&h.validation),
-        train: data.train.subset(&h.train),
+        validation,
+        train,
         test: data.test,
         classes: data.classes,
         source: data.source,

@@ -389,6 +389,34 @@ fn undecodable_file() {
     );
 }
 
+/// Files are decoded in parallel, but the error is that of the first bad file in reading
+/// order (class by class, names in byte order), whatever finishes first: here 200 good images
+/// and, later in order, an undecodable file before one of the wrong size, on disk and in a
+/// `.tar.gz`.
+#[test]
+fn first_bad_file_in_reading_order_is_reported() {
+    let mut extra: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| (format!("train/bee/a{i:03}.png"), png_rgb(i)))
+        .collect();
+    let mut broken = png_rgb(3);
+    broken.truncate(40);
+    extra.push(("train/bee/m-broken.png".into(), broken));
+    extra.push(("train/bee/z-odd.png".into(), png_gray(0, 7, 7)));
+    extra.push(("train/cow/0-odd.png".into(), png_gray(0, 7, 7)));
+    for _ in 0..3 {
+        both_ways(&extra, &[], &[], Split::Train, |e| {
+            assert!(matches!(e, DataError::Decode { .. }), "{e:?}");
+            assert!(msg(e).contains("train/bee/m-broken.png"), "{e}");
+        });
+    }
+    // Without the broken file the wrong size is reported, at the first odd file in order.
+    extra.retain(|(p, _)| !p.ends_with("m-broken.png"));
+    both_ways(&extra, &[], &[], Split::Train, |e| {
+        assert!(matches!(e, DataError::WrongImageSize { .. }), "{e:?}");
+        assert!(msg(e).contains("train/bee/z-odd.png"), "{e}");
+    });
+}
+
 #[test]
 fn empty_class_folder() {
     both_ways(&[], &[], &["train/cow"], Split::Train, |e| {

@@ -9,8 +9,14 @@ use eio_spec::config::Dataset;
 use eio_spec::rng::Seeds;
 use eio_spec::Config;
 
+/// Image `k` as an engine gets it (f32 in [0, 1]) is `expected`, to the bit.
 fn assert_image(images: &Images, k: usize, expected: &[f32], what: &str) {
-    assert_eq!(images.image(k), expected, "{what}: image {k}");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&images.image_unit(k)),
+        bits(expected),
+        "{what}: image {k}"
+    );
 }
 
 #[test]
@@ -32,8 +38,9 @@ fn cifar10_binaries_exact() {
         assert_image(&data.test, i, &image_f32(100 + i, 3, 32, 32), "test");
     }
     // The record's bytes are R, G, B planes: channel 1 row 2 column 3 is byte 1024 + 2·32 + 3.
+    assert_eq!(data.train.image(0)[1024 + 2 * 32 + 3], pixel(0, 1, 2, 3));
     assert_eq!(
-        data.train.image(0)[1024 + 2 * 32 + 3],
+        data.train.image_unit(0)[1024 + 2 * 32 + 3],
         f32::from(pixel(0, 1, 2, 3)) / 255.0
     );
     assert_eq!(data.classes[0], "airplane");
@@ -133,7 +140,7 @@ fn check_folder_train(images: &Images, classes: &[String]) {
             Some(i) => assert_image(images, k, &image_f32(*i, 3, FOLDER_H, FOLDER_W), "png"),
             None => {
                 // The flat JPEG: every pixel within 2 grey levels of its colour.
-                let img = images.image(k);
+                let img = images.image_unit(k);
                 for c in 0..3 {
                     for &v in &img[c * FOLDER_H * FOLDER_W..(c + 1) * FOLDER_H * FOLDER_W] {
                         let want = f32::from(JPEG_RGB[c]) / 255.0;
@@ -177,6 +184,57 @@ fn image_folder_tarball_with_top_folder_and_parent_folder() {
     assert_eq!(classes, ["ant", "bee"]);
 }
 
+/// Many image files (decoded in parallel) come out in reading order, each exactly its file's
+/// bytes: classes by name, files in a class by name (not in the order they were written), the
+/// same from a folder and a `.tar.gz`, and the same as decoding the files one by one with
+/// `decode_image`.
+#[test]
+fn many_files_keep_reading_order_and_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let classes = ["c", "a", "b"];
+    let mut files = Vec::new();
+    // Written in reverse name order; file `x{j:03}` of class k holds image 1000·k + j.
+    for (k, class) in classes.iter().enumerate() {
+        for j in (0..70usize).rev() {
+            files.push((format!("train/{class}/x{j:03}.png"), png_rgb(1000 * k + j)));
+        }
+        files.push((format!("test/{class}/0.png"), png_rgb(k)));
+    }
+    write_tree(tmp.path(), &files);
+    let tar = tmp.path().join("many.tar.gz");
+    std::fs::write(&tar, tar_gz(Some("top"), &files)).unwrap();
+    let (from_dir, names) = read_image_folder(tmp.path(), Split::Train).unwrap();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(from_dir.len(), 210);
+    let mut by_one = Vec::new();
+    for (label, class) in names.iter().enumerate() {
+        let k = classes.iter().position(|c| c == class).unwrap();
+        for j in 0..70 {
+            let i = 70 * label + j;
+            assert_eq!(from_dir.labels[i], label as u32);
+            assert_eq!(
+                from_dir.image(i),
+                &image_bytes(1000 * k + j, 3, FOLDER_H, FOLDER_W)[..],
+                "image {i} = {class}/x{j:03}.png"
+            );
+            assert_image(
+                &from_dir,
+                i,
+                &image_f32(1000 * k + j, 3, FOLDER_H, FOLDER_W),
+                "many",
+            );
+            let path = tmp.path().join(format!("train/{class}/x{j:03}.png"));
+            let (shape, bytes) =
+                folder::decode_image(&std::fs::read(&path).unwrap(), "x", Channels::Auto).unwrap();
+            assert_eq!(shape, from_dir.shape);
+            by_one.extend(bytes);
+        }
+    }
+    assert_eq!(by_one, from_dir.pixels);
+    let (from_tar, _) = read_image_folder(&tar, Split::Train).unwrap();
+    assert_eq!(from_tar, from_dir);
+}
+
 #[test]
 fn class_names_sort_by_bytes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -210,13 +268,14 @@ fn grey_images_get_one_channel_or_are_converted() {
     write_tree(tmp.path(), &files);
     let (auto, _) = read_image_folder(tmp.path(), Split::Train).unwrap();
     assert_eq!(auto.shape, ImageShape::new(1, 2, 3));
-    assert_eq!(auto.image(1), &image_f32(1, 1, 2, 3)[..]);
+    assert_eq!(auto.image(1), &image_bytes(1, 1, 2, 3)[..]);
+    assert_image(&auto, 1, &image_f32(1, 1, 2, 3), "grey");
     let (rgb, _) = read_image_folder_with(tmp.path(), Split::Train, Channels::Exactly(3)).unwrap();
     assert_eq!(rgb.shape, ImageShape::new(3, 2, 3));
     let grey = image_f32(1, 1, 2, 3);
-    assert_eq!(&rgb.image(1)[0..6], &grey[..]);
-    assert_eq!(&rgb.image(1)[6..12], &grey[..]);
-    assert_eq!(&rgb.image(1)[12..18], &grey[..]);
+    assert_eq!(&rgb.image_unit(1)[0..6], &grey[..]);
+    assert_eq!(&rgb.image_unit(1)[6..12], &grey[..]);
+    assert_eq!(&rgb.image_unit(1)[12..18], &grey[..]);
 }
 
 fn config_for(dataset: Dataset, path: std::path::PathBuf) -> Config {
@@ -289,7 +348,7 @@ fn load_image_folder_checks_classes_against_model() {
     let s = load(&c, &Seeds::new(0)).unwrap();
     assert_eq!(s.classes, ["a", "b"]);
     assert_eq!(s.train.labels, vec![0, 0, 1]);
-    assert_eq!(s.train.image(2), &image_f32(2, 3, 4, 4)[..]);
+    assert_image(&s.train, 2, &image_f32(2, 3, 4, 4), "load");
     // Grey model: images converted to one channel.
     c.model.in_channels = 1;
     c.model.mean = vec![0.5];
@@ -344,7 +403,7 @@ fn load_fashion_mnist_fixture_with_limit() {
     for (set, n) in [(&s.train, 3), (&s.validation, 2)] {
         for k in 0..n {
             let label = set.labels[k] as usize;
-            assert_eq!(set.image(k), &image_f32(label, 1, 3, 3)[..]);
+            assert_image(set, k, &image_f32(label, 1, 3, 3), "kept");
         }
     }
     // Without the limit the validation images are the same.
@@ -457,8 +516,13 @@ fn debian_fashion_mnist_when_installed() {
     assert_eq!(s.train.shape, ImageShape::new(1, 28, 28));
     let counts = s.test.class_counts(10);
     assert_eq!(counts, vec![1000; 10]);
-    let mean: f64 =
-        s.test.pixels.iter().map(|&p| f64::from(p)).sum::<f64>() / s.test.pixels.len() as f64;
+    let mean: f64 = s
+        .test
+        .unit_pixels()
+        .iter()
+        .map(|&p| f64::from(p))
+        .sum::<f64>()
+        / s.test.pixels.len() as f64;
     // Fashion-MNIST's test mean is 0.2868 (the quick preset normalises with 0.2860, the
     // training mean).
     assert!((mean - 0.2868).abs() < 0.002, "test mean {mean}");

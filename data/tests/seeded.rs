@@ -3,18 +3,19 @@
 
 use std::collections::HashSet;
 
-use eio_data::feed::{augment_image, augment_stream_index};
+use eio_data::feed::{augment_image, augment_stream_index, augment_unit};
 use eio_data::split::{below, eval_subset_indices, permutation, sample};
 use eio_data::*;
 use eio_spec::rng::{Seeds, Stream};
 use proptest::prelude::*;
 
-/// `n` images of shape 1x2x2 whose pixels encode the image index (pixel = i/1000 + k/10000)
+/// `n` images of `shape` whose bytes depend on the image index and the position
+/// (byte k of image i = (7·i + 3·k + 1) mod 256, so the first bytes of images 0..256 differ)
 /// and whose label is the index.
 fn numbered(n: usize, shape: ImageShape) -> Images {
     let l = shape.len();
     let pixels = (0..n * l)
-        .map(|v| (v / l) as f32 / 1000.0 + (v % l) as f32 / 100_000.0)
+        .map(|v| ((7 * (v / l) + 3 * (v % l) + 1) % 256) as u8)
         .collect();
     Images::new(shape, pixels, (0..n as u32).collect()).unwrap()
 }
@@ -142,7 +143,11 @@ fn epoch_plan_visits_every_image_once_and_keeps_the_last_partial_batch() {
         assert_eq!(batch.pixels.len(), batch.len * 4);
         for (k, &i) in batch.indices.iter().enumerate() {
             assert_eq!(batch.labels[k], i as u32);
-            assert_eq!(&batch.pixels[k * 4..(k + 1) * 4], images.image(i));
+            assert_eq!(&batch.pixels[k * 4..(k + 1) * 4], &images.image_unit(i)[..]);
+            // Each value is byte / 255 of the stored byte, to the bit.
+            for (v, &b) in batch.pixels[k * 4..(k + 1) * 4].iter().zip(images.image(i)) {
+                assert_eq!(v.to_bits(), (f32::from(b) / 255.0).to_bits());
+            }
         }
         seen.extend(batch.indices);
     }
@@ -241,6 +246,38 @@ fn augmentation_resumes_mid_epoch() {
     assert_ne!(
         plan.augment_draws(0, a),
         EpochPlan::new(37, 5, 1, &seeds).augment_draws(0, a)
+    );
+}
+
+/// An augmented batch is made from the stored bytes, converted as it is written; it must
+/// hold exactly the f32 values of converting each image first and cropping and flipping the
+/// f32 pixels (what the batches held when images were stored as f32).
+#[test]
+fn augmented_batches_equal_augmenting_the_converted_images() {
+    let seeds = Seeds::new(5);
+    let shape = ImageShape::new(3, 8, 8);
+    let images = numbered(37, shape);
+    let a = Augment {
+        padding: 3,
+        flip: true,
+    };
+    let plan = EpochPlan::new(37, 5, 2, &seeds);
+    let mut want = vec![f32::NAN; shape.len()];
+    let mut shifted = 0;
+    for b in 0..plan.batches() {
+        let batch = plan.batch(&images, b, Some(a));
+        let draws = plan.augment_draws(b, a);
+        for (k, (&i, draw)) in batch.indices.iter().zip(draws).enumerate() {
+            augment_image(&images.image_unit(i), shape, a.padding, draw, &mut want);
+            let got = &batch.pixels[k * shape.len()..(k + 1) * shape.len()];
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(got), bits(&want), "batch {b} image {i}");
+            shifted += usize::from(draw.top != a.padding || draw.left != a.padding || draw.flip);
+        }
+    }
+    assert!(
+        shifted > 30,
+        "the draws crop and flip ({shifted} of 37 changed)"
     );
 }
 
@@ -350,6 +387,27 @@ proptest! {
         prop_assert_eq!(twice, src);
     }
 
+    /// Cropping and flipping the bytes then converting, converting then cropping and flipping,
+    /// and `augment_unit` give the same f32 bits.
+    #[test]
+    fn augment_commutes_with_conversion(case in aug_case(), seed in any::<u8>()) {
+        let shape = ImageShape::new(case.c, case.h, case.w);
+        let bytes: Vec<u8> =
+            (0..shape.len()).map(|v| (v as u8).wrapping_mul(29).wrapping_add(seed)).collect();
+        let d = AugmentDraw { top: case.top, left: case.left, flip: case.flip };
+        let mut cropped = vec![0u8; shape.len()];
+        augment_image(&bytes, shape, case.padding, d, &mut cropped);
+        let then_convert: Vec<u32> = cropped.iter().map(|&b| unit(b).to_bits()).collect();
+        let converted: Vec<f32> = bytes.iter().map(|&b| unit(b)).collect();
+        let mut first = vec![f32::NAN; shape.len()];
+        augment_image(&converted, shape, case.padding, d, &mut first);
+        let mut direct = vec![f32::NAN; shape.len()];
+        augment_unit(&bytes, shape, case.padding, d, &mut direct);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(&bits(&first), &then_convert);
+        prop_assert_eq!(&bits(&direct), &then_convert);
+    }
+
     /// Any (n, validation, limit, seed): disjoint, within range, right sizes, deterministic.
     #[test]
     fn holdout_properties(n in 1usize..300, v_frac in 0.0f64..1.0, limit in proptest::option::of(0usize..400), seed in any::<u64>()) {
@@ -395,7 +453,7 @@ fn images_helpers() {
     assert_eq!(s.labels, vec![4, 0, 4]);
     assert_eq!(s.image(0), images.image(4));
     assert_eq!(images.class_counts(3), vec![1, 1, 1]);
-    assert!(Images::new(shape, vec![0.0; 7], vec![0, 1]).is_err());
+    assert!(Images::new(shape, vec![0; 7], vec![0, 1]).is_err());
     let mut a = numbered(2, shape);
     assert!(a
         .append(numbered(1, ImageShape::new(1, 1, 4)), "x")

@@ -23,8 +23,8 @@ use rand_chacha::ChaCha8Rng;
 
 /// Models, paths and a pool of images: `states` perturbed states of the tiny ResNet-8 (4
 /// classes, 8x8) with `n` candidates, and `paths` (one per source: a source uses state
-/// `source % states`), `pool` images with pixels rounded to f32 (as `eio_data::Images`
-/// stores them) and labels.
+/// `source % states`), `pool` images with pixels rounded to byte / 255 in f32 (as
+/// `eio_data::Images` gives them to an engine) and labels.
 struct Case {
     plan: Plan,
     values: Vec<Values>,
@@ -57,7 +57,7 @@ impl Case {
             .collect();
         let mut pool = images(&mut rng, pool, &plan);
         for v in &mut pool.data {
-            *v = f64::from(*v as f32);
+            *v = f64::from(eio_data::unit((*v * 255.0).round() as u8));
         }
         let mut case = Case {
             plan,
@@ -158,12 +158,14 @@ impl Case {
     /// The pool as the data crate holds a test set.
     fn data_images(&self) -> eio_data::Images {
         let [_, c, h, w] = self.pool.dims;
-        eio_data::Images::new(
+        let pixels: Vec<f32> = self.pool.data.iter().map(|&v| v as f32).collect();
+        eio_data::Images::from_unit(
             eio_data::ImageShape::new(c, h, w),
-            self.pool.data.iter().map(|&v| v as f32).collect(),
+            &pixels,
             self.labels.iter().map(|&y| y as u32).collect(),
+            "pool",
         )
-        .expect("pixels fit the labels")
+        .expect("pixels are bytes / 255 and fit the labels")
     }
 
     /// The reference's whole protocol.

@@ -99,15 +99,9 @@ impl Released {
     /// The accelerated engine's eval-mode logits of test images `range` along `path`, one row
     /// per image.
     fn accelerated_logits(&self, path: &Path, range: Range<usize>) -> Vec<Vec<f64>> {
-        let part = self.data.test.subset(&range.collect::<Vec<_>>());
-        let (x, _) = eio_accelerated::train::to_tensors(
-            part.pixels,
-            part.labels,
-            &self.data.test,
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap();
+        let (x, _) =
+            eio_accelerated::train::range_tensors(&self.data.test, range, &Device::Cpu, DType::F32)
+                .unwrap();
         let (z, _) = logits(&self.plan, &self.state, path, &x, BnMode::Eval).unwrap();
         z.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
     }
@@ -115,9 +109,10 @@ impl Released {
     /// The reference engine's logits on the same decoded pixels (widened to f64), one row per
     /// image.
     fn reference_logits(&self, path: &Path, range: Range<usize>) -> Vec<Vec<f64>> {
-        let per_image = 3 * 32 * 32;
-        let pixels: Vec<f64> = self.data.test.pixels
-            [range.start * per_image..range.end * per_image]
+        let pixels: Vec<f64> = self
+            .data
+            .test
+            .unit_range(range.clone())
             .iter()
             .map(|&p| f64::from(p))
             .collect();
