@@ -496,6 +496,9 @@ mod tests {
             // f32 chunks of 2 images (a 27 x 1024 im2col matrix each), so a thread's range of
             // 3 images ends with a narrower chunk.
             (6, 3, 32, 4, 3, 1, 1),
+            // ResNet-20's first stage: one image per chunk (a 144 x 1024 im2col matrix), dL/dx
+            // as a convolution of dY with the flipped kernel.
+            (9, 16, 32, 4, 3, 1, 1),
         ];
         for (n, c_in, size, c_out, k, s, p) in cases {
             let what = format!(
