@@ -794,6 +794,12 @@ fn op_profile(
                     "conv bwd (dL/dx and dL/dw)",
                     median_time(device, reps, || ops::conv2d_backward(x(0), w, g, s, p))?,
                 );
+                record(
+                    "conv bwd dL/dx alone (PGD, Eq. 2)",
+                    median_time(device, reps, || {
+                        ops::conv2d_backward_input(x(0), w, g, s, p)
+                    })?,
+                );
             }
             Op::BatchNorm { params, .. } => {
                 let names = params.select(&path);

@@ -167,37 +167,51 @@ fn run_nodes(
     let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(end + 1);
     let mut bn = BTreeMap::new();
     let mut running = Vec::new();
-    for (id, node) in plan.nodes[..=end].iter().enumerate() {
+    let mut id = 0;
+    while id <= end {
+        let node = &plan.nodes[id];
         let x = |k: usize| {
             outputs[node.inputs[k]]
                 .as_ref()
                 .expect("an output is kept until its last reader ran")
         };
+        // A BatchNorm or residual add whose output only the next node, a ReLU, reads (within
+        // this pass) runs fused with that ReLU: one op writes both outputs.
+        let relu_next = id < end && fused_relu(plan, id);
+        let mut relu_out = None;
         let out = match &node.op {
-            Op::Input => input.clone(),
+            Op::Input => Some(input.clone()),
             Op::Normalize { mean, std } => {
-                ops::normalize(x(0), state.tensor(mean), state.tensor(std))?
+                Some(ops::normalize(x(0), state.tensor(mean), state.tensor(std))?)
             }
             Op::Conv {
                 stride,
                 padding,
                 weight,
                 ..
-            } => ops::conv2d(x(0), state.tensor(weight.select(path)), *stride, *padding)?,
+            } => Some(ops::conv2d(
+                x(0),
+                state.tensor(weight.select(path)),
+                *stride,
+                *padding,
+            )?),
             Op::BatchNorm { params, .. } => {
                 let names = params.select(path);
                 let (rm, rv) = (
                     state.tensor(&names.running_mean),
                     state.tensor(&names.running_var),
                 );
-                let (y, saved) = ops::batch_norm(
-                    x(0),
-                    state.tensor(&names.weight),
-                    state.tensor(&names.bias),
-                    rm,
-                    rv,
-                    train,
-                )?;
+                let affine = (state.tensor(&names.weight), state.tensor(&names.bias));
+                let (y, saved) = if relu_next {
+                    let keep_y = keep || last_reader[id] > id + 1;
+                    let (y, z, saved) =
+                        ops::batch_norm_relu(x(0), affine, (rm, rv), train, keep_y)?;
+                    relu_out = Some(z);
+                    (y, saved)
+                } else {
+                    let (y, saved) = ops::batch_norm(x(0), affine.0, affine.1, rm, rv, train)?;
+                    (Some(y), saved)
+                };
                 if train {
                     let (n, _, h, w) = x(0).dims4()?;
                     let (mean, var) = ops::batch_norm_running_update(rm, rv, &saved, n * h * w)?;
@@ -220,27 +234,55 @@ fn run_nodes(
                 }
                 y
             }
-            Op::Relu => ops::relu(x(0))?,
-            Op::LeakyRelu { slope } => ops::leaky_relu(x(0), *slope)?,
-            Op::Add => (x(0) + x(1))?,
-            Op::MaxPool2 => ops::max_pool2(x(0))?,
-            Op::GlobalAvgPool => ops::global_avg_pool(x(0))?,
-            Op::Flatten => x(0).flatten_from(1)?,
+            Op::Relu => Some(ops::relu(x(0))?),
+            Op::LeakyRelu { slope } => Some(ops::leaky_relu(x(0), *slope)?),
+            Op::Add => {
+                let (sum, z) = ops::add_relu(x(0), x(1), relu_next)?;
+                relu_out = z;
+                Some(sum)
+            }
+            Op::MaxPool2 => Some(ops::max_pool2(x(0))?),
+            Op::GlobalAvgPool => Some(ops::global_avg_pool(x(0))?),
+            Op::Flatten => Some(x(0).flatten_from(1)?),
             Op::Linear { params, .. } => {
                 let names = params.select(path);
-                ops::linear(x(0), state.tensor(&names.weight), state.tensor(&names.bias))?
+                Some(ops::linear(
+                    x(0),
+                    state.tensor(&names.weight),
+                    state.tensor(&names.bias),
+                )?)
             }
         };
-        outputs.push(Some(out));
+        outputs.push(out);
+        let ran = match relu_out {
+            Some(z) => {
+                outputs.push(Some(z));
+                id..=id + 1
+            }
+            None => id..=id,
+        };
         if !keep {
-            for &k in &node.inputs {
-                if last_reader[k] == id && k != end {
-                    outputs[k] = None;
+            for done in ran.clone() {
+                for &k in &plan.nodes[done].inputs {
+                    if last_reader[k] == done && k != end {
+                        outputs[k] = None;
+                    }
                 }
             }
         }
+        id = ran.end() + 1;
     }
     Ok((outputs, bn, running))
+}
+
+/// Whether node `id` (a BatchNorm or a residual add) runs fused with the node after it: a ReLU
+/// reading only `id`, in a plan where [`ops::batch_norm_relu`] / [`ops::add_relu`] apply.
+fn fused_relu(plan: &Plan, id: NodeId) -> bool {
+    matches!(plan.nodes[id].op, Op::BatchNorm { .. } | Op::Add)
+        && plan
+            .nodes
+            .get(id + 1)
+            .is_some_and(|next| matches!(next.op, Op::Relu) && next.inputs == [id])
 }
 
 /// The logits along `path` and the trace of the pass.
@@ -357,10 +399,17 @@ fn propagate(
     let mut node_grads: Vec<Option<Tensor>> = vec![None; last + 1];
     fn add(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
         *slot = Some(match slot.take() {
-            Some(total) => (total + g)?,
+            Some(total) => ops::add(&total, &g)?,
             None => g,
         });
         Ok(())
+    }
+    // How many nodes of the pass read each node's output.
+    let mut readers = vec![0usize; last + 1];
+    for node in &plan.nodes[..=last] {
+        for &k in &node.inputs {
+            readers[k] += 1;
+        }
     }
     for (id, grad) in seeds {
         assert!(
@@ -415,6 +464,34 @@ fn propagate(
                     ops::batch_norm_backward_input(gamma, saved, &g, train)?
                 };
                 add(&mut node_grads[input(0)], gx)?;
+            }
+            // ReLU after a BatchNorm that nothing else reads or seeds: one fused backward of
+            // both (the ReLU's mask applied inside BatchNorm's passes), straight to the
+            // BatchNorm's input.
+            Op::Relu
+                if fused_relu(plan, input(0))
+                    && readers[input(0)] == 1
+                    && node_grads[input(0)].is_none()
+                    && matches!(plan.nodes[input(0)].op, Op::BatchNorm { .. }) =>
+            {
+                let bn_id = input(0);
+                let Op::BatchNorm { params, .. } = &plan.nodes[bn_id].op else {
+                    unreachable!("matched above")
+                };
+                let names = params.select(path);
+                let saved = &trace.bn[&bn_id];
+                let gamma = state.tensor(&names.weight);
+                let mask = &trace.outputs[id];
+                let gx = if with_params {
+                    let (gx, gg, gb) =
+                        ops::relu_batch_norm_backward(mask, gamma, saved, &g, train)?;
+                    grads.accumulate(&names.weight, gg)?;
+                    grads.accumulate(&names.bias, gb)?;
+                    gx
+                } else {
+                    ops::relu_batch_norm_backward_input(mask, gamma, saved, &g, train)?
+                };
+                add(&mut node_grads[plan.nodes[bn_id].inputs[0]], gx)?;
             }
             Op::Relu => add(&mut node_grads[input(0)], ops::relu_backward(x(0), &g)?)?,
             Op::LeakyRelu { slope } => add(

@@ -322,6 +322,7 @@ struct RunArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    eio_accelerated::device::keep_freed_memory();
     // Every command runs on a worker of the CPU kernels' pool (see `device::on_cpu_pool`).
     match eio_accelerated::device::on_cpu_pool(|| run(cli)) {
         Ok(code) => code,

@@ -137,15 +137,17 @@ fn check_grad(g: &ConvGeom, grad: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// See [`super::stock::batch_norm`].
+/// [`super::batch_norm`] and [`super::batch_norm_relu`]: one statistics pass (train mode),
+/// then one pass writing y (when `keep_y`), max(y, 0) (when `relu`) and x̂ (train mode only:
+/// an eval-mode dL/dx does not read it, [`BnSaved::x_hat`] recomputes it if a parameter
+/// gradient does).
 pub fn batch_norm<T: Real>(
     x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    (running_mean, running_var): (&Tensor, &Tensor),
     train: bool,
-) -> Result<(Tensor, BnSaved)> {
+    (keep_y, relu): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
     let (_, c, h, w) = x.dims4()?;
     let x = x.contiguous()?;
     let hx = host(&x)?;
@@ -167,8 +169,10 @@ pub fn batch_norm<T: Real>(
         .map(|v| 1.0 / (v + super::BN_EPS).sqrt())
         .collect();
     let (mean_t, inv_std_t) = (to_real::<T>(&mean), to_real::<T>(&inv_std));
-    let mut x_hat = vec![T::zero(); xs.len()];
-    let mut y = vec![T::zero(); xs.len()];
+    let len = xs.len();
+    let mut x_hat = train.then(|| vec![T::zero(); len]);
+    let mut y = keep_y.then(|| vec![T::zero(); len]);
+    let mut z = relu.then(|| vec![T::zero(); len]);
     with2(gamma, beta, |gamma, beta| {
         k::batch_norm_apply(
             xs,
@@ -177,74 +181,81 @@ pub fn batch_norm<T: Real>(
             gamma,
             beta,
             h * w,
-            (&mut x_hat, &mut y),
+            k::BnOutputs {
+                x_hat: x_hat.as_deref_mut(),
+                y: y.as_deref_mut(),
+                relu: z.as_deref_mut(),
+            },
         );
         Ok(())
     })?;
     let dims = x.dims();
+    let wrap = |v: Option<Vec<T>>| v.map(|v| tensor(v, dims)).transpose();
+    let mean_t = tensor(mean_t, &[c])?;
     let saved = BnSaved {
-        x_hat: tensor(x_hat, dims)?,
+        x_hat: wrap(x_hat)?,
+        input: x.clone(),
+        batch_mean: train.then(|| mean_t.clone()),
+        mean: mean_t,
         inv_std: tensor(inv_std_t, &[c])?,
-        batch_mean: train.then(|| tensor(mean_t, &[c])).transpose()?,
         batch_var: train
             .then(|| tensor(to_real::<T>(&var), &[c]))
             .transpose()?,
     };
-    Ok((tensor(y, dims)?, saved))
+    Ok((wrap(y)?, wrap(z)?, saved))
 }
 
-/// See [`super::stock::batch_norm_backward`].
+/// See [`BnSaved::x_hat`]: `(x − mean_c)·inv_std_c`, the values [`batch_norm`] writes.
+pub fn batch_norm_x_hat<T: Real>(saved: &BnSaved) -> Result<Tensor> {
+    let (_, _, h, w) = saved.input.dims4()?;
+    let mut x_hat = vec![T::zero(); saved.input.elem_count()];
+    with2(&saved.input, &saved.mean, |x, mean| {
+        with(&saved.inv_std, |inv_std| {
+            k::batch_norm_x_hat(x, mean, inv_std, h * w, &mut x_hat);
+            Ok(())
+        })
+    })?;
+    tensor(x_hat, saved.input.dims())
+}
+
+/// [`super::batch_norm_backward`] (`params`) and [`super::batch_norm_backward_input`], of the
+/// ReLU's masked gradient when `mask` is set ([`super::relu_batch_norm_backward`]).
 pub fn batch_norm_backward<T: Real>(
+    mask: Option<&Tensor>,
     gamma: &Tensor,
     saved: &BnSaved,
     grad: &Tensor,
-    train: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let c = grad.dim(1)?;
-    let (grad_x, sums) = batch_norm_backward_impl::<T>(gamma, saved, grad, train, true)?;
-    let (sum_g, sum_gx) = sums.expect("asked for the parameter gradients");
-    Ok((
-        grad_x,
-        tensor(to_real::<T>(&sum_gx), &[c])?,
-        tensor(to_real::<T>(&sum_g), &[c])?,
-    ))
-}
-
-/// See [`super::stock::batch_norm_backward_input`]: dL/dx only. Eval mode skips the pass
-/// over the gradient that only dL/dγ and dL/dβ need.
-pub fn batch_norm_backward_input<T: Real>(
-    gamma: &Tensor,
-    saved: &BnSaved,
-    grad: &Tensor,
-    train: bool,
-) -> Result<Tensor> {
-    Ok(batch_norm_backward_impl::<T>(gamma, saved, grad, train, false)?.0)
-}
-
-/// Per-channel (Σ g, Σ g·x̂) of a BatchNorm backward: dL/dβ and dL/dγ, in f64.
-type BnSums = (Vec<f64>, Vec<f64>);
-
-/// dL/dx of BatchNorm and, when `params` is set, the per-channel sums (Σ g, Σ g·x̂) that are
-/// dL/dβ and dL/dγ. The sums are computed whenever dx needs them (train mode) or `params`
-/// is set; dx is the same kernel call either way.
-fn batch_norm_backward_impl<T: Real>(
-    gamma: &Tensor,
-    saved: &BnSaved,
-    grad: &Tensor,
-    train: bool,
-    params: bool,
-) -> Result<(Tensor, Option<BnSums>)> {
+    (train, params): (bool, bool),
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let (n, c, h, w) = grad.dims4()?;
+    if let Some(m) = mask {
+        if m.dims() != grad.dims() {
+            bail!(
+                "relu + batch norm backward: mask {:?}, gradient {:?}",
+                m.dims(),
+                grad.dims()
+            );
+        }
+    }
     let count = (n * h * w) as f64;
-    let (grad_x, sums) = with2(grad, &saved.x_hat, |g, xh| {
-        let sums = (train || params).then(|| k::batch_norm_grad_sums(g, xh, c, h * w));
-        let scale = with2(gamma, &saved.inv_std, |gamma: &[T], inv_std| {
-            Ok(gamma
-                .iter()
-                .zip(inv_std)
-                .map(|(&g, &s)| g * s)
-                .collect::<Vec<T>>())
-        })?;
+    // x̂ is read by the sums (train mode or parameter gradients) and by a train-mode dx.
+    let x_hat = (train || params).then(|| saved.x_hat()).transpose()?;
+    let mask = mask.map(Tensor::contiguous).transpose()?;
+    let mask_host = mask.as_ref().map(host).transpose()?;
+    let mask = mask_host.as_ref().map(|m| m.slice::<T>()).transpose()?;
+    let scale = with2(gamma, &saved.inv_std, |gamma: &[T], inv_std| {
+        Ok(gamma
+            .iter()
+            .zip(inv_std)
+            .map(|(&g, &s)| g * s)
+            .collect::<Vec<T>>())
+    })?;
+    let x_hat = x_hat.as_ref().map(Tensor::contiguous).transpose()?;
+    let x_hat_host = x_hat.as_ref().map(host).transpose()?;
+    let x_hat = x_hat_host.as_ref().map(|h| h.slice::<T>()).transpose()?;
+    let (dx, sums) = with(grad, |g| {
+        let grad = k::BnGrad { grad: g, mask };
+        let sums = x_hat.map(|xh| k::batch_norm_grad_sums(grad, xh, c, h * w));
         let (a, b) = match (&sums, train) {
             (Some((sum_g, sum_gx)), true) => (
                 sum_g.iter().map(|s| T::from_f64(s / count)).collect(),
@@ -253,10 +264,18 @@ fn batch_norm_backward_impl<T: Real>(
             _ => (vec![T::zero(); c], vec![T::zero(); c]),
         };
         let mut dx = vec![T::zero(); g.len()];
-        k::batch_norm_backward_input(g, xh, &scale, &a, &b, h * w, &mut dx);
+        let dx_x_hat = if train { x_hat } else { None };
+        k::batch_norm_backward_input(grad, dx_x_hat, &scale, (&a, &b), h * w, &mut dx);
         Ok((dx, sums))
     })?;
-    Ok((tensor(grad_x, grad.dims())?, sums.filter(|_| params)))
+    let params = match sums.filter(|_| params) {
+        Some((sum_g, sum_gx)) => Some((
+            tensor(to_real::<T>(&sum_gx), &[c])?,
+            tensor(to_real::<T>(&sum_g), &[c])?,
+        )),
+        None => None,
+    };
+    Ok((tensor(dx, grad.dims())?, params))
 }
 
 /// See [`super::stock::relu_backward`].
@@ -274,6 +293,34 @@ pub fn relu_backward<T: Real>(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         Ok(())
     })?;
     tensor(dx, x.dims())
+}
+
+/// See [`super::relu`].
+pub fn relu<T: Real>(x: &Tensor) -> Result<Tensor> {
+    let mut out = vec![T::zero(); x.elem_count()];
+    with(x, |x| {
+        k::relu(x, &mut out);
+        Ok(())
+    })?;
+    tensor(out, x.dims())
+}
+
+/// See [`super::add_relu`].
+pub fn add_relu<T: Real>(a: &Tensor, b: &Tensor, relu: bool) -> Result<(Tensor, Option<Tensor>)> {
+    if a.dims() != b.dims() {
+        bail!("add: {:?} + {:?}", a.dims(), b.dims());
+    }
+    let len = a.elem_count();
+    let mut sum = vec![T::zero(); len];
+    let mut z = relu.then(|| vec![T::zero(); len]);
+    with2(a, b, |a, b| {
+        k::add_relu(a, b, &mut sum, z.as_deref_mut());
+        Ok(())
+    })?;
+    Ok((
+        tensor(sum, a.dims())?,
+        z.map(|z| tensor(z, a.dims())).transpose()?,
+    ))
 }
 
 /// See [`super::stock::linear`].
@@ -449,6 +496,9 @@ mod tests {
             // f32 chunks of 2 images (a 27 x 1024 im2col matrix each), so a thread's range of
             // 3 images ends with a narrower chunk.
             (6, 3, 32, 4, 3, 1, 1),
+            // ResNet-20's first stage: one image per chunk (a 144 x 1024 im2col matrix), dL/dx
+            // as a convolution of dY with the flipped kernel.
+            (9, 16, 32, 4, 3, 1, 1),
         ];
         for (n, c_in, size, c_out, k, s, p) in cases {
             let what = format!(
@@ -501,11 +551,19 @@ mod tests {
             let rv = (random(&[c], dtype, &mut rng).abs().expect("abs") + 0.1).expect("rv");
             for train in [true, false] {
                 let what = format!("{what} train={train}");
-                let (y, saved) = batch_norm::<T>(&x, &gamma, &beta, &rm, &rv, train).expect("cpu");
+                let (y, saved) =
+                    super::super::batch_norm(&x, &gamma, &beta, &rm, &rv, train).expect("cpu");
                 let (sy, ssaved) =
                     stock::batch_norm(&x, &gamma, &beta, &rm, &rv, train).expect("stock");
                 assert_close(&format!("{what} y"), &y, &sy);
-                assert_close(&format!("{what} x_hat"), &saved.x_hat, &ssaved.x_hat);
+                // Eval mode keeps no x̂ on the CPU; the recomputed one is the same.
+                assert_eq!(saved.x_hat.is_some(), train, "{what}: x_hat kept");
+                let x_hat = saved.x_hat().expect("x_hat");
+                assert_close(
+                    &format!("{what} x_hat"),
+                    &x_hat,
+                    &ssaved.x_hat().expect("x_hat"),
+                );
                 assert_close(&format!("{what} inv_std"), &saved.inv_std, &ssaved.inv_std);
                 assert_eq!(saved.batch_mean.is_some(), train, "{what}: batch mean");
                 if let (Some(m), Some(sm)) = (&saved.batch_mean, &ssaved.batch_mean) {
@@ -514,9 +572,30 @@ mod tests {
                 if let (Some(v), Some(sv)) = (&saved.batch_var, &ssaved.batch_var) {
                     assert_close(&format!("{what} var"), v, sv);
                 }
+                // The fused BatchNorm + ReLU writes the same y, and max(y, 0).
+                for keep_y in [true, false] {
+                    let (fy, z, fsaved) = super::super::batch_norm_relu(
+                        &x,
+                        (&gamma, &beta),
+                        (&rm, &rv),
+                        train,
+                        keep_y,
+                    )
+                    .expect("fused");
+                    assert_eq!(fy.is_some(), keep_y, "{what}: y kept");
+                    if let Some(fy) = fy {
+                        assert_same(&format!("{what} fused y"), &fy, &y);
+                    }
+                    assert_same(&format!("{what} fused relu"), &z, &y.relu().expect("relu"));
+                    assert_same(
+                        &format!("{what} fused x_hat"),
+                        &fsaved.x_hat().expect("x_hat"),
+                        &x_hat,
+                    );
+                }
                 let g = random(y.dims(), dtype, &mut rng);
                 let (dx, dg, db) =
-                    batch_norm_backward::<T>(&gamma, &saved, &g, train).expect("cpu backward");
+                    super::super::batch_norm_backward(&gamma, &saved, &g, train).expect("cpu");
                 let (sdx, sdg, sdb) =
                     stock::batch_norm_backward(&gamma, &ssaved, &g, train).expect("stock");
                 assert_close(&format!("{what} dL/dx"), &dx, &sdx);
@@ -524,7 +603,8 @@ mod tests {
                 assert_close(&format!("{what} dL/dbeta"), &db, &sdb);
                 assert_same(
                     &format!("{what} dL/dx alone"),
-                    &batch_norm_backward_input::<T>(&gamma, &saved, &g, train).expect("cpu"),
+                    &super::super::batch_norm_backward_input(&gamma, &saved, &g, train)
+                        .expect("cpu"),
                     &dx,
                 );
                 assert_same(
@@ -532,7 +612,49 @@ mod tests {
                     &stock::batch_norm_backward_input(&gamma, &ssaved, &g, train).expect("stock"),
                     &sdx,
                 );
+                // The fused ReLU + BatchNorm backward: the same bits as the ReLU's backward
+                // followed by BatchNorm's, with the mask from y or from max(y, 0).
+                let g_relu = relu_backward::<T>(&y, &g).expect("relu backward");
+                let (rdx, rdg, rdb) =
+                    super::super::batch_norm_backward(&gamma, &saved, &g_relu, train)
+                        .expect("unfused");
+                for mask in [y.clone(), y.relu().expect("relu")] {
+                    let (fdx, fdg, fdb) =
+                        super::super::relu_batch_norm_backward(&mask, &gamma, &saved, &g, train)
+                            .expect("fused");
+                    assert_same(&format!("{what} fused dL/dx"), &fdx, &rdx);
+                    assert_same(&format!("{what} fused dL/dgamma"), &fdg, &rdg);
+                    assert_same(&format!("{what} fused dL/dbeta"), &fdb, &rdb);
+                    assert_same(
+                        &format!("{what} fused dL/dx alone"),
+                        &super::super::relu_batch_norm_backward_input(
+                            &mask, &gamma, &saved, &g, train,
+                        )
+                        .expect("fused"),
+                        &rdx,
+                    );
+                }
             }
+        }
+
+        // ReLU forward and the residual add (+ ReLU), around the task split.
+        for len in [1, 7, 40_000] {
+            let a = random(&[len], dtype, &mut rng);
+            let b = random(&[len], dtype, &mut rng);
+            assert_same(
+                &format!("relu len={len}"),
+                &relu::<T>(&a).expect("relu"),
+                &a.relu().expect("relu"),
+            );
+            let sum = (&a + &b).expect("sum");
+            let (s, z) = add_relu::<T>(&a, &b, true).expect("add relu");
+            assert_same(&format!("add len={len}"), &s, &sum);
+            assert_same(
+                &format!("add relu len={len}"),
+                &z.expect("relu"),
+                &sum.relu().expect("relu"),
+            );
+            assert!(add_relu::<T>(&a, &b, false).expect("add").1.is_none());
         }
 
         // ReLU backward, with exact zeros in x (gradient 0 there) and sizes around the task split.

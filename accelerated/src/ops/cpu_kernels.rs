@@ -43,17 +43,44 @@ fn gemm_into<T: Real>(
     dst: &mut [T],
     accumulate: bool,
     lhs: &[T],
-    (lhs_rs, lhs_cs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[T],
-    (rhs_rs, rhs_cs): (usize, usize),
+    rhs_strides: (usize, usize),
+) {
+    gemm_strided(
+        (m, n, k),
+        (dst, (n, 1)),
+        accumulate,
+        (lhs, lhs_strides),
+        (rhs, rhs_strides),
+    );
+}
+
+/// [`gemm_into`] with `dst` also read through (row, column) strides: `dst[i·rs + j·cs]`.
+///
+/// # Panics
+/// If a stride reaches outside its slice.
+fn gemm_strided<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    (dst, (dst_rs, dst_cs)): (&mut [T], (usize, usize)),
+    accumulate: bool,
+    (lhs, (lhs_rs, lhs_cs)): (&[T], (usize, usize)),
+    (rhs, (rhs_rs, rhs_cs)): (&[T], (usize, usize)),
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst.len() >= m * n, "gemm dst too short");
+    assert!(
+        (m - 1) * dst_rs + (n - 1) * dst_cs < dst.len(),
+        "gemm dst out of bounds"
+    );
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(T::zero());
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_rs + j * dst_cs] = T::zero();
+                }
+            }
         }
         return;
     }
@@ -73,8 +100,8 @@ fn gemm_into<T: Real>(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_cs as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
@@ -373,9 +400,50 @@ pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
         });
 }
 
-/// Convolution dL/dx: `[dCols_1 … dCols_c] = Wᵀ · [dY_1 … dY_c]` for each chunk of images,
-/// then `dX_i = col2im(dCols_i)`, into `dx` (`[N, C_in, H, W]`); one range of images per thread.
+/// The geometry of dL/dx as a convolution of dY, when it is one of the same shape: for a
+/// stride-1 convolution with "same" padding (`2p = kh − 1 = kw − 1`, the 3x3 convolutions of
+/// every network here), `dx[c, a, b] = Σ_{o, u, v} w[o, c, u, v] · dy[o, a − u + p, b − v + p]`
+/// is the convolution of dY (`C_out` channels) with the kernel [`flip_transpose`]`(W)`
+/// (`C_in` outputs) and padding `kh − 1 − p` (= p).
+fn backward_input_as_conv(g: &ConvGeom) -> Option<ConvGeom> {
+    let same = g.stride == 1 && g.kh == g.kw && 2 * g.padding + 1 == g.kh;
+    same.then_some(ConvGeom {
+        n: g.n,
+        c_in: g.c_out,
+        h: g.out_h(),
+        w: g.out_w(),
+        c_out: g.c_in,
+        kh: g.kh,
+        kw: g.kw,
+        stride: 1,
+        padding: g.kh - 1 - g.padding,
+    })
+}
+
+/// `w'[c, o, u, v] = w[o, c, kh − 1 − u, kw − 1 − v]`: the kernel of the transposed
+/// convolution ([`backward_input_as_conv`]), `[C_in, C_out, kh, kw]`.
+fn flip_transpose<T: Real>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let taps = g.kh * g.kw;
+    let mut out = Vec::with_capacity(w.len());
+    for c in 0..g.c_in {
+        for o in 0..g.c_out {
+            let kernel = &w[(o * g.c_in + c) * taps..][..taps];
+            out.extend(kernel.iter().rev());
+        }
+    }
+    out
+}
+
+/// Convolution dL/dx into `dx` (`[N, C_in, H, W]`). A stride-1 "same" convolution's dL/dx is
+/// the forward [`conv2d`] of dY with the flipped, transposed kernel
+/// ([`backward_input_as_conv`]): one `[C_in, C_out·kh·kw]` GEMM per chunk, like the forward
+/// pass. Any other convolution (strided, 1x1 shortcuts) takes `[dCols_1 … dCols_c] = Wᵀ ·
+/// [dY_1 … dY_c]` for each chunk of images, then `dX_i = col2im(dCols_i)`; one range of images
+/// per thread.
 pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut [T]) {
+    if let Some(transposed) = backward_input_as_conv(g) {
+        return conv2d(&transposed, dy, &flip_transpose(g, w), dx);
+    }
     let k = g.k();
     let split = Split::new::<T>(g, rayon::current_num_threads());
     dx.par_chunks_mut(split.per_task * g.in_image())
@@ -413,6 +481,11 @@ pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut 
 /// Convolution dL/dw: `dW = Σ_chunks dY_chunk · cols(X_chunk)ᵀ` (`[C_out, K]`, i.e.
 /// `[C_out, C_in, kh, kw]`). The batch is split into [`WEIGHT_GRAD_PARTS`] ranges summed in
 /// parallel (one accumulating GEMM per chunk), then the ranges' sums are added in order.
+///
+/// Each GEMM writes `dWᵀ` (`[K, C_out]`, transposed once at the end): in that orientation
+/// `gemm` reads the im2col matrix as it lies (contiguous along the pixels it sums over) and
+/// repacks only `dY` (`C_out` rows, a ninth of the im2col matrix of a 3x3 convolution); the
+/// row-major `dW` orientation made it repack the whole im2col matrix for every chunk.
 pub fn conv2d_backward_weight<T: Real>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
     let k = g.k();
     let split = Split::new::<T>(g, WEIGHT_GRAD_PARTS);
@@ -423,7 +496,8 @@ pub fn conv2d_backward_weight<T: Real>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
         .map(|(xs, dys)| {
             let mut cols = Cols::new(g, split.width(g));
             let mut mat = split.out_scratch(g);
-            let mut dw = vec![T::zero(); len];
+            // dWᵀ: element (co, r) of dW at r·C_out + co.
+            let mut dw_t = vec![T::zero(); len];
             for (i, (xs, dy)) in xs
                 .chunks(split.per * g.in_image())
                 .zip(dys.chunks(split.per * g.out_image()))
@@ -433,23 +507,25 @@ pub fn conv2d_backward_weight<T: Real>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
                 let cols = cols.fill(g, xs);
                 let dy = as_matrix(g, dy, &mut mat);
                 // colsᵀ: element (column j, row r) is cols[r·width + j].
-                gemm_into(
+                gemm_strided(
                     (g.c_out, k, width),
-                    &mut dw,
+                    (&mut dw_t, (1, g.c_out)),
                     i > 0,
-                    dy,
-                    (width, 1),
-                    cols,
-                    (1, width),
+                    (dy, (width, 1)),
+                    (cols, (1, width)),
                 );
             }
-            dw
+            dw_t
         })
         .collect();
     let mut parts = partials.into_iter();
-    let mut dw = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
+    let mut dw_t = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
     for part in parts {
-        dw.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+        dw_t.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
+    let mut dw = Vec::with_capacity(len);
+    for co in 0..g.c_out {
+        dw.extend((0..k).map(|r| dw_t[r * g.c_out + co]));
     }
     dw
 }
@@ -494,8 +570,29 @@ pub fn batch_stats<T: Real>(x: &[T], c: usize, hw: usize) -> (Vec<f64>, Vec<f64>
         .unzip()
 }
 
-/// BatchNorm's affine normalisation of `x` (`[N, C, hw]`): `x̂ = (x − mean_c)·inv_std_c` and
-/// `y = γ_c·x̂ + β_c`, written to `out = (x_hat, y)` in one pass.
+/// One `hw`-long block of each optional output of a per-block pass, `None` for every block
+/// when the output is not wanted.
+fn blocks_mut<T>(out: Option<&mut [T]>, hw: usize, count: usize) -> Vec<Option<&mut [T]>> {
+    match out {
+        Some(out) => out.chunks_mut(hw.max(1)).map(Some).collect(),
+        None => (0..count).map(|_| None).collect(),
+    }
+}
+
+/// The outputs of one BatchNorm forward pass over `[N, C, hw]` maps ([`batch_norm_apply`]).
+pub struct BnOutputs<'a, T> {
+    /// `x̂ = (x − mean_c)·inv_std_c`, when a backward pass will read it (train mode).
+    pub x_hat: Option<&'a mut [T]>,
+    /// `y = γ_c·x̂ + β_c`, when it is kept (a traced pass), else only `relu` is written.
+    pub y: Option<&'a mut [T]>,
+    /// `max(y, 0)`, when a ReLU follows (the fused BatchNorm + ReLU of a traced or eval pass).
+    pub relu: Option<&'a mut [T]>,
+}
+
+/// BatchNorm's affine normalisation of `x` (`[N, C, hw]`), fused with the ReLU that follows
+/// it: `x̂ = (x − mean_c)·inv_std_c`, `y = γ_c·x̂ + β_c` and `max(y, 0)`, each written when
+/// asked for, in one pass over `x`. The values are the same whichever outputs are written
+/// (`y` is always computed from the rounded `x̂`).
 pub fn batch_norm_apply<T: Real>(
     x: &[T],
     mean: &[T],
@@ -503,34 +600,115 @@ pub fn batch_norm_apply<T: Real>(
     gamma: &[T],
     beta: &[T],
     hw: usize,
-    (x_hat, y): (&mut [T], &mut [T]),
+    out: BnOutputs<'_, T>,
 ) {
     let c = mean.len();
-    x_hat
-        .par_chunks_mut(hw)
-        .zip(y.par_chunks_mut(hw))
-        .zip(x.par_chunks(hw))
+    let blocks = x.len() / hw.max(1);
+    let x_hat = blocks_mut(out.x_hat, hw, blocks);
+    let y = blocks_mut(out.y, hw, blocks);
+    let relu = blocks_mut(out.relu, hw, blocks);
+    x.par_chunks(hw.max(1))
+        .zip(x_hat)
+        .zip(y)
+        .zip(relu)
         .with_min_len(min_blocks(hw))
         .enumerate()
-        .for_each(|(block, ((xh, y), x))| {
+        .for_each(|(block, (((x, mut xh), mut y), mut relu))| {
             let ch = block % c;
             let (m, s, g, b) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-            for ((xh, y), &x) in xh.iter_mut().zip(y.iter_mut()).zip(x) {
-                *xh = (x - m) * s;
-                *y = *xh * g + b;
+            let norm = |x: T| (x - m) * s;
+            let affine = |h: T| h * g + b;
+            // One loop per combination of outputs, so each vectorises.
+            match (xh.as_deref_mut(), y.as_deref_mut(), relu.as_deref_mut()) {
+                (Some(xh), Some(y), r) => {
+                    for ((xh, y), &x) in xh.iter_mut().zip(y.iter_mut()).zip(x) {
+                        *xh = norm(x);
+                        *y = affine(*xh);
+                    }
+                    if let Some(r) = r {
+                        relu_into(y, r);
+                    }
+                }
+                (None, Some(y), r) => {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = affine(norm(x));
+                    }
+                    if let Some(r) = r {
+                        relu_into(y, r);
+                    }
+                }
+                (xh, None, Some(r)) => {
+                    for (r, &x) in r.iter_mut().zip(x) {
+                        *r = relu_of(affine(norm(x)));
+                    }
+                    if let Some(xh) = xh {
+                        xh.iter_mut().zip(x).for_each(|(xh, &x)| *xh = norm(x));
+                    }
+                }
+                (Some(xh), None, None) => {
+                    xh.iter_mut().zip(x).for_each(|(xh, &x)| *xh = norm(x));
+                }
+                (None, None, None) => {}
             }
         });
 }
 
+/// `x̂ = (x − mean_c)·inv_std_c` over `[N, C, hw]` maps: the same values [`batch_norm_apply`]
+/// writes, for a backward pass of an eval-mode BatchNorm that did not keep them.
+pub fn batch_norm_x_hat<T: Real>(x: &[T], mean: &[T], inv_std: &[T], hw: usize, x_hat: &mut [T]) {
+    let c = mean.len();
+    x_hat
+        .par_chunks_mut(hw.max(1))
+        .zip(x.par_chunks(hw.max(1)))
+        .with_min_len(min_blocks(hw))
+        .enumerate()
+        .for_each(|(block, (xh, x))| {
+            let ch = block % c;
+            let (m, s) = (mean[ch], inv_std[ch]);
+            for (xh, &x) in xh.iter_mut().zip(x) {
+                *xh = (x - m) * s;
+            }
+        });
+}
+
+/// The gradient a BatchNorm backward pass reads: `g`, or with a `mask` (the input or output of
+/// the ReLU that followed the BatchNorm) the ReLU's dL/dx, `g` where `mask > 0`, else 0: the
+/// fused ReLU + BatchNorm backward.
+#[derive(Clone, Copy)]
+pub struct BnGrad<'a, T> {
+    pub grad: &'a [T],
+    pub mask: Option<&'a [T]>,
+}
+
+impl<'a, T: Real> BnGrad<'a, T> {
+    /// The block at `at..at + len`: its gradient, and its mask if any.
+    fn block(&self, at: usize, len: usize) -> (&'a [T], Option<&'a [T]>) {
+        (
+            &self.grad[at..at + len],
+            self.mask.map(|m| &m[at..at + len]),
+        )
+    }
+}
+
+/// `g` where `m > 0`, else 0 (ReLU's backward of one value).
+fn masked<T: Real>(g: T, m: T) -> T {
+    if m > T::zero() {
+        g
+    } else {
+        T::zero()
+    }
+}
+
 /// Per-channel `Σ g` and `Σ g·x̂` over (N, hw) of `[N, C, hw]` maps, accumulated in f64 with
-/// [`LANES`] partial sums each: the gradients dL/dβ and dL/dγ of BatchNorm.
+/// [`LANES`] partial sums each: the gradients dL/dβ and dL/dγ of BatchNorm (of the masked
+/// gradient, see [`BnGrad`]).
 pub fn batch_norm_grad_sums<T: Real>(
-    grad: &[T],
+    grad: BnGrad<'_, T>,
     x_hat: &[T],
     c: usize,
     hw: usize,
 ) -> (Vec<f64>, Vec<f64>) {
-    let n = grad.len() / (c * hw).max(1);
+    let n = grad.grad.len() / (c * hw).max(1);
     (0..c)
         .into_par_iter()
         .with_min_len(min_blocks(n * hw))
@@ -543,18 +721,42 @@ pub fn batch_norm_grad_sums<T: Real>(
             };
             for i in 0..n {
                 let at = (i * c + ch) * hw;
-                let (g, xh) = (&grad[at..at + hw], &x_hat[at..at + hw]);
+                let (g, mask) = grad.block(at, hw);
+                let xh = &x_hat[at..at + hw];
                 let split = hw - hw % LANES;
-                for (gc, xc) in g[..split]
-                    .chunks_exact(LANES)
-                    .zip(xh[..split].chunks_exact(LANES))
-                {
-                    for lane in 0..LANES {
-                        add(lane, gc[lane], xc[lane]);
+                match mask {
+                    None => {
+                        for (gc, xc) in g[..split]
+                            .chunks_exact(LANES)
+                            .zip(xh[..split].chunks_exact(LANES))
+                        {
+                            for lane in 0..LANES {
+                                add(lane, gc[lane], xc[lane]);
+                            }
+                        }
+                        for (lane, (&g, &xh)) in g[split..].iter().zip(&xh[split..]).enumerate() {
+                            add(lane, g, xh);
+                        }
                     }
-                }
-                for (lane, (&g, &xh)) in g[split..].iter().zip(&xh[split..]).enumerate() {
-                    add(lane, g, xh);
+                    Some(m) => {
+                        for ((gc, xc), mc) in g[..split]
+                            .chunks_exact(LANES)
+                            .zip(xh[..split].chunks_exact(LANES))
+                            .zip(m[..split].chunks_exact(LANES))
+                        {
+                            for lane in 0..LANES {
+                                add(lane, masked(gc[lane], mc[lane]), xc[lane]);
+                            }
+                        }
+                        for (lane, ((&g, &xh), &m)) in g[split..]
+                            .iter()
+                            .zip(&xh[split..])
+                            .zip(&m[split..])
+                            .enumerate()
+                        {
+                            add(lane, masked(g, m), xh);
+                        }
+                    }
                 }
             }
             (sg.iter().sum::<f64>(), sgx.iter().sum::<f64>())
@@ -562,28 +764,89 @@ pub fn batch_norm_grad_sums<T: Real>(
         .unzip()
 }
 
-/// BatchNorm dL/dx over `[N, C, hw]`: `dx = scale_c·(g − a_c − x̂·b_c)`. Train mode passes
-/// `scale = γ·inv_std`, `a = mean(g)`, `b = mean(g·x̂)`; eval mode `a = b = 0`.
+/// BatchNorm dL/dx over `[N, C, hw]` (of the masked gradient, see [`BnGrad`]):
+/// `dx = scale_c·(g − a_c − x̂·b_c)` in train mode (`scale = γ·inv_std`, `a = mean(g)`,
+/// `b = mean(g·x̂)`, `x_hat` given); `dx = scale_c·g` in eval mode (`x_hat` = `None`), which
+/// is the train formula's value at a = b = 0.
 pub fn batch_norm_backward_input<T: Real>(
-    grad: &[T],
-    x_hat: &[T],
+    grad: BnGrad<'_, T>,
+    x_hat: Option<&[T]>,
     scale: &[T],
-    a: &[T],
-    b: &[T],
+    (a, b): (&[T], &[T]),
     hw: usize,
     dx: &mut [T],
 ) {
     let c = scale.len();
-    dx.par_chunks_mut(hw)
-        .zip(grad.par_chunks(hw))
-        .zip(x_hat.par_chunks(hw))
+    dx.par_chunks_mut(hw.max(1))
         .with_min_len(min_blocks(hw))
         .enumerate()
-        .for_each(|(block, ((dx, g), xh))| {
+        .for_each(|(block, dx)| {
             let ch = block % c;
-            let (s, a, b) = (scale[ch], a[ch], b[ch]);
-            for ((dx, &g), &xh) in dx.iter_mut().zip(g).zip(xh) {
-                *dx = s * (g - a - xh * b);
+            let at = block * hw;
+            let (g, mask) = grad.block(at, hw);
+            let s = scale[ch];
+            match (x_hat.map(|xh| &xh[at..at + hw]), mask) {
+                (Some(xh), None) => {
+                    let (a, b) = (a[ch], b[ch]);
+                    for ((dx, &g), &xh) in dx.iter_mut().zip(g).zip(xh) {
+                        *dx = s * (g - a - xh * b);
+                    }
+                }
+                (Some(xh), Some(m)) => {
+                    let (a, b) = (a[ch], b[ch]);
+                    for (((dx, &g), &xh), &m) in dx.iter_mut().zip(g).zip(xh).zip(m) {
+                        *dx = s * (masked(g, m) - a - xh * b);
+                    }
+                }
+                (None, None) => {
+                    for (dx, &g) in dx.iter_mut().zip(g) {
+                        *dx = s * g;
+                    }
+                }
+                (None, Some(m)) => {
+                    for ((dx, &g), &m) in dx.iter_mut().zip(g).zip(m) {
+                        *dx = s * masked(g, m);
+                    }
+                }
+            }
+        });
+}
+
+/// `max(v, 0)`.
+fn relu_of<T: Real>(v: T) -> T {
+    if v > T::zero() {
+        v
+    } else {
+        T::zero()
+    }
+}
+
+/// `out = max(x, 0)` elementwise (one block, single-threaded).
+fn relu_into<T: Real>(x: &[T], out: &mut [T]) {
+    out.iter_mut().zip(x).for_each(|(o, &v)| *o = relu_of(v));
+}
+
+/// ReLU forward in one parallel pass: `out = max(x, 0)`.
+pub fn relu<T: Real>(x: &[T], out: &mut [T]) {
+    out.par_chunks_mut(MIN_PARALLEL_ELEMS)
+        .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
+        .for_each(|(o, x)| relu_into(x, o));
+}
+
+/// `sum = a + b` and, when asked for, `relu = max(a + b, 0)`, in one parallel pass (a residual
+/// add and the ReLU after it).
+pub fn add_relu<T: Real>(a: &[T], b: &[T], sum: &mut [T], relu: Option<&mut [T]>) {
+    let blocks = sum.len().div_ceil(MIN_PARALLEL_ELEMS);
+    sum.par_chunks_mut(MIN_PARALLEL_ELEMS)
+        .zip(a.par_chunks(MIN_PARALLEL_ELEMS))
+        .zip(b.par_chunks(MIN_PARALLEL_ELEMS))
+        .zip(blocks_mut(relu, MIN_PARALLEL_ELEMS, blocks))
+        .for_each(|(((s, a), b), r)| {
+            for ((s, &a), &b) in s.iter_mut().zip(a).zip(b) {
+                *s = a + b;
+            }
+            if let Some(r) = r {
+                relu_into(s, r);
             }
         });
 }

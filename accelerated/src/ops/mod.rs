@@ -96,17 +96,37 @@ pub fn normalize_backward(std: &Tensor, grad: &Tensor) -> Result<Tensor> {
     grad.broadcast_div(&per_channel(std)?)
 }
 
-/// What a train-mode BatchNorm forward leaves for its backward and for the running update.
+/// What a BatchNorm forward pass leaves for its backward and for the running update.
 #[derive(Debug, Clone)]
 pub struct BnSaved {
-    /// The normalised input x̂.
-    pub x_hat: Tensor,
+    /// The normalised input x̂, when the pass wrote it: always in train mode, whose dL/dx reads
+    /// it; on the CPU not in eval mode, whose dL/dx (`γ·inv_std·g`) does not
+    /// ([`BnSaved::x_hat`] recomputes it for a parameter gradient).
+    pub x_hat: Option<Tensor>,
+    /// The BatchNorm's input x (the same storage as the pass's output of the node before).
+    pub input: Tensor,
+    /// The mean x was normalised with, `[C]`: the batch mean (train), the running mean (eval).
+    pub mean: Tensor,
     /// 1 / sqrt(var + eps), `[C]`.
     pub inv_std: Tensor,
     /// Batch mean, `[C]` (train mode only).
     pub batch_mean: Option<Tensor>,
     /// Biased batch variance, `[C]` (train mode only).
     pub batch_var: Option<Tensor>,
+}
+
+impl BnSaved {
+    /// x̂ = (x − mean_c)·inv_std_c: the saved tensor, or (eval mode on the CPU) the same values
+    /// computed again from the input.
+    ///
+    /// # Errors
+    /// On a device error.
+    pub fn x_hat(&self) -> Result<Tensor> {
+        match &self.x_hat {
+            Some(x_hat) => Ok(x_hat.clone()),
+            None => dispatch!(self.input, batch_norm_x_hat(self)),
+        }
+    }
 }
 
 /// BatchNorm2d forward: `y = γ·x̂ + β`, `x̂ = (x − μ_c) / sqrt(σ²_c + eps)`. Train mode takes μ, σ²
@@ -120,10 +140,57 @@ pub fn batch_norm(
     running_var: &Tensor,
     train: bool,
 ) -> Result<(Tensor, BnSaved)> {
-    dispatch!(
+    let (y, _, saved) = batch_norm_outputs(
         x,
-        batch_norm(x, gamma, beta, running_mean, running_var, train)
-    )
+        (gamma, beta),
+        (running_mean, running_var),
+        train,
+        (true, false),
+    )?;
+    Ok((y.expect("asked for y"), saved))
+}
+
+/// BatchNorm followed by a ReLU, fused: `(y, max(y, 0), saved)` with y = [`batch_norm`]'s
+/// output, `None` unless `keep_y` (a pass that drops activations needs only the ReLU's). The
+/// values are those of [`batch_norm`] then [`relu`]; the CPU writes both in one pass over x.
+pub fn batch_norm_relu(
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    (running_mean, running_var): (&Tensor, &Tensor),
+    train: bool,
+    keep_y: bool,
+) -> Result<(Option<Tensor>, Tensor, BnSaved)> {
+    let (y, z, saved) = batch_norm_outputs(
+        x,
+        (gamma, beta),
+        (running_mean, running_var),
+        train,
+        (keep_y, true),
+    )?;
+    Ok((y, z.expect("asked for the relu"), saved))
+}
+
+/// The forward pass behind [`batch_norm`] and [`batch_norm_relu`].
+fn batch_norm_outputs(
+    x: &Tensor,
+    affine: (&Tensor, &Tensor),
+    running: (&Tensor, &Tensor),
+    train: bool,
+    (keep_y, relu): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
+    match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32) => {
+            cpu::batch_norm::<f32>(x, affine, running, train, (keep_y, relu))
+        }
+        (Device::Cpu, DType::F64) => {
+            cpu::batch_norm::<f64>(x, affine, running, train, (keep_y, relu))
+        }
+        _ => {
+            let (y, saved) = stock::batch_norm(x, affine.0, affine.1, running.0, running.1, train)?;
+            let z = relu.then(|| y.relu()).transpose()?;
+            Ok((keep_y.then_some(y), z, saved))
+        }
+    }
 }
 
 /// PyTorch's running-statistics update after a train-mode pass over `count` = N·H·W values:
@@ -154,7 +221,7 @@ pub fn batch_norm_backward(
     grad: &Tensor,
     train: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    dispatch!(grad, batch_norm_backward(gamma, saved, grad, train))
+    bn_backward(None, gamma, saved, grad, train)
 }
 
 /// dL/dx of [`batch_norm`] alone: the same value as the first output of
@@ -166,17 +233,120 @@ pub fn batch_norm_backward_input(
     grad: &Tensor,
     train: bool,
 ) -> Result<Tensor> {
-    dispatch!(grad, batch_norm_backward_input(gamma, saved, grad, train))
+    bn_backward_input(None, gamma, saved, grad, train)
 }
 
-/// max(x, 0).
+/// Gradients of [`batch_norm_relu`] from dL/d(ReLU output) `grad`: [`batch_norm_backward`] of
+/// [`relu_backward`]`(mask, grad)`, where `mask` is the ReLU's input or output (the same sign).
+/// The CPU applies the ReLU's mask inside BatchNorm's passes instead of a pass of its own.
+pub fn relu_batch_norm_backward(
+    mask: &Tensor,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    bn_backward(Some(mask), gamma, saved, grad, train)
+}
+
+/// dL/dx of [`relu_batch_norm_backward`] alone.
+pub fn relu_batch_norm_backward_input(
+    mask: &Tensor,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    bn_backward_input(Some(mask), gamma, saved, grad, train)
+}
+
+fn bn_backward(
+    mask: Option<&Tensor>,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (gx, params) = bn_backward_any(mask, gamma, saved, grad, (train, true))?;
+    let (gg, gb) = params.expect("asked for the parameter gradients");
+    Ok((gx, gg, gb))
+}
+
+fn bn_backward_input(
+    mask: Option<&Tensor>,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    Ok(bn_backward_any(mask, gamma, saved, grad, (train, false))?.0)
+}
+
+/// dL/dx of BatchNorm (of the ReLU's masked gradient when `mask` is set) and, with
+/// `params`, (dL/dγ, dL/dβ).
+fn bn_backward_any(
+    mask: Option<&Tensor>,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    (train, params): (bool, bool),
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    match (grad.device(), grad.dtype()) {
+        (Device::Cpu, DType::F32) => {
+            cpu::batch_norm_backward::<f32>(mask, gamma, saved, grad, (train, params))
+        }
+        (Device::Cpu, DType::F64) => {
+            cpu::batch_norm_backward::<f64>(mask, gamma, saved, grad, (train, params))
+        }
+        _ => {
+            let grad = match mask {
+                Some(m) => stock::relu_backward(m, grad)?,
+                None => grad.clone(),
+            };
+            if params {
+                let (gx, gg, gb) = stock::batch_norm_backward(gamma, saved, &grad, train)?;
+                Ok((gx, Some((gg, gb))))
+            } else {
+                Ok((
+                    stock::batch_norm_backward_input(gamma, saved, &grad, train)?,
+                    None,
+                ))
+            }
+        }
+    }
+}
+
+/// max(x, 0) (CPU: one parallel pass).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    x.relu()
+    match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32) => cpu::relu::<f32>(x),
+        (Device::Cpu, DType::F64) => cpu::relu::<f64>(x),
+        _ => x.relu(),
+    }
 }
 
 /// dL/dx of [`relu`]: g where x > 0, else 0 (CPU: one fused pass).
 pub fn relu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
     dispatch!(x, relu_backward(x, grad))
+}
+
+/// a + b (CPU: one parallel pass).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(add_relu(a, b, false)?.0)
+}
+
+/// A residual add and the ReLU after it: `(a + b, max(a + b, 0))`, the ReLU when `relu` is
+/// set. CPU: one parallel pass writes both.
+pub fn add_relu(a: &Tensor, b: &Tensor, relu: bool) -> Result<(Tensor, Option<Tensor>)> {
+    match (a.device(), a.dtype()) {
+        (Device::Cpu, DType::F32) => cpu::add_relu::<f32>(a, b, relu),
+        (Device::Cpu, DType::F64) => cpu::add_relu::<f64>(a, b, relu),
+        _ => {
+            let sum = (a + b)?;
+            let z = relu.then(|| sum.relu()).transpose()?;
+            Ok((sum, z))
+        }
+    }
 }
 
 /// x for x > 0, slope·x otherwise.

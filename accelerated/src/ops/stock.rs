@@ -73,9 +73,11 @@ pub fn batch_norm(
         .broadcast_mul(&per_channel(gamma)?)?
         .broadcast_add(&per_channel(beta)?)?;
     let saved = BnSaved {
-        x_hat,
+        x_hat: Some(x_hat),
+        input: x.clone(),
+        batch_mean: train.then(|| mean.clone()),
+        mean,
         inv_std,
-        batch_mean: train.then_some(mean),
         batch_var: train.then_some(var),
     };
     Ok((y, saved))
@@ -90,7 +92,7 @@ pub fn batch_norm_backward(
     train: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let grad_beta = grad.sum((0, 2, 3))?;
-    let grad_gamma = (grad * &saved.x_hat)?.sum((0, 2, 3))?;
+    let grad_gamma = (grad * saved.x_hat()?)?.sum((0, 2, 3))?;
     let grad_x = batch_norm_backward_input(gamma, saved, grad, train)?;
     Ok((grad_x, grad_gamma, grad_beta))
 }
@@ -105,9 +107,10 @@ pub fn batch_norm_backward_input(
     let scale = per_channel(&(gamma * &saved.inv_std)?)?;
     if train {
         let mean_g = grad.mean_keepdim((0, 2, 3))?;
-        let mean_gx = (grad * &saved.x_hat)?.mean_keepdim((0, 2, 3))?;
+        let x_hat = saved.x_hat()?;
+        let mean_gx = (grad * &x_hat)?.mean_keepdim((0, 2, 3))?;
         grad.broadcast_sub(&mean_g)?
-            .sub(&saved.x_hat.broadcast_mul(&mean_gx)?)?
+            .sub(&x_hat.broadcast_mul(&mean_gx)?)?
             .broadcast_mul(&scale)
     } else {
         grad.broadcast_mul(&scale)
@@ -142,4 +145,12 @@ pub fn linear_backward_input(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
 pub fn separable(x: &Tensor, left: &Tensor, right: &Tensor) -> Result<Tensor> {
     left.broadcast_matmul(&x.contiguous()?)?
         .broadcast_matmul(&right.t()?)
+}
+
+/// See [`super::BnSaved::x_hat`]: `(x − mean)·inv_std`, as [`batch_norm`] computes it.
+pub fn batch_norm_x_hat(saved: &BnSaved) -> Result<Tensor> {
+    saved
+        .input
+        .broadcast_sub(&per_channel(&saved.mean)?)?
+        .broadcast_mul(&per_channel(&saved.inv_std)?)
 }

@@ -119,7 +119,7 @@ pub fn batch_norm_second_backward(
     let input = if train {
         let (n, _, h, w) = dx.dims4()?;
         let count = (n * h * w) as f64;
-        let x_hat = &saved.x_hat;
+        let x_hat = &saved.x_hat()?;
         let inv_std = per_channel(&saved.inv_std)?;
         let a = tangent_grad.broadcast_mul(&per_channel(gamma)?)?;
         let m_u = x_hat.mul(dx)?.mean_keepdim((0, 2, 3))?;

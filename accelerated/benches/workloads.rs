@@ -1,0 +1,632 @@
+//! PyTorch's workloads, run by the accelerated engine: the same four measurements, with the
+//! same parameters, as `torch_eio.py` (the PyTorch speed baseline; `bench/compare-pytorch.sh`
+//! runs both back to back and prints the ratios). Figures are printed (and written as JSON with
+//! `--json`), never asserted.
+//!
+//! ```sh
+//! cargo bench -p eio-accelerated --bench workloads                                  # all four
+//! cargo bench -p eio-accelerated --bench workloads -- --workloads eio_step --iters 20
+//! ```
+//!
+//! | workload | one timed iteration | images |
+//! |---|---|---|
+//! | `baseline_step` | plain ResNet-20 (n = 1), train mode: forward, CE, backward, one SGD step | `--batch` |
+//! | `eio_step` | one EIO iteration (official preset: n = 2 shared-conv, p = 3, 10 distillation steps, eval-mode BN distillation), its layer from the stratified schedule | `--batch` |
+//! | `pgd50_eval` | a 50-step L-inf CE PGD (eps 0.03, step 0.006, random start) against plain ResNet-20 in eval mode, input gradient only | `--eval-batch` |
+//! | `rgn_forward_eval` | RGN (n = 2 shared-conv) eval-mode logits without a trace, a new random path per batch | `--eval-batch` |
+//!
+//! The EIO layer schedule (`--distill-layer 0`, the default) is `torch_eio.py`'s: every layer
+//! 1..=20 once per 20 iterations in a shuffled order, warm-up and timed iterations each from a
+//! schedule of their own, so 20 timed iterations cover every layer once and their **mean** is
+//! the expected cost under a uniform layer. `--distill-layer L` fixes the layer.
+//!
+//! Each workload reports the median, mean and best time per iteration, images per second (from
+//! the mean for `eio_step`, where layers differ; the median otherwise, as the comparison
+//! script reads them), and the process's peak resident memory during the workload (the
+//! kernel's high-water mark, reset before each workload through `/proc/self/clear_refs`).
+//!
+//! Flags: `--workloads a,b`, `--batch 128`, `--eval-batch 100`, `--iters 20`, `--warmup 5`,
+//! `--eio-iters N` / `--pgd-iters N` / `--eio-warmup N` / `--pgd-warmup N` (per-workload
+//! overrides), `--distill-layer 0`, `--pgd-steps 50`, `--dtype f32|f64`, `--device cpu|cuda`,
+//! `--seed 0`, `--json PATH`, `--malloc-default` (leave glibc's allocator settings as they are
+//! instead of `device::keep_freed_memory`, to measure what that does), `--phases` (with
+//! `eio_step`: where its time goes, see [`phases`]).
+
+use std::error::Error;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use eio_accelerated::attack::{pgd, AttackSettings, Target};
+use eio_accelerated::eio::{eq4_iteration, pretrain_iteration, EioBatch};
+use eio_accelerated::model::{backward, eval_logits, forward, input_gradient, logits};
+use eio_accelerated::ops;
+use eio_accelerated::optim::{Sgd, SgdConfig};
+use eio_accelerated::state::ModelState;
+use eio_spec::config::{AttackLoss, BnMode, Config};
+use eio_spec::rng::{Seeds, Stream};
+use eio_spec::sampler::{sample_paths, IterationDraw};
+use eio_spec::{Plan, Preset};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+const ALL: [&str; 4] = [
+    "baseline_step",
+    "eio_step",
+    "pgd50_eval",
+    "rgn_forward_eval",
+];
+
+#[derive(Debug, Clone)]
+struct Args {
+    workloads: Vec<String>,
+    batch: usize,
+    eval_batch: usize,
+    iters: usize,
+    warmup: usize,
+    eio_iters: Option<usize>,
+    eio_warmup: Option<usize>,
+    pgd_iters: Option<usize>,
+    pgd_warmup: Option<usize>,
+    distill_layer: usize,
+    pgd_steps: usize,
+    dtype: String,
+    device: String,
+    seed: u64,
+    json: Option<String>,
+    malloc_default: bool,
+    phases: bool,
+}
+
+fn parse_args() -> BenchResult<Args> {
+    let mut args = Args {
+        workloads: ALL.iter().map(|s| s.to_string()).collect(),
+        batch: 128,
+        eval_batch: 100,
+        iters: 20,
+        warmup: 5,
+        eio_iters: None,
+        eio_warmup: None,
+        pgd_iters: None,
+        pgd_warmup: None,
+        distill_layer: 0,
+        pgd_steps: 50,
+        dtype: "f32".into(),
+        device: "cpu".into(),
+        seed: 0,
+        json: None,
+        malloc_default: false,
+        phases: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || -> BenchResult<String> {
+            it.next()
+                .ok_or_else(|| format!("{flag} needs a value").into())
+        };
+        match flag.as_str() {
+            "--bench" => {}
+            "--workloads" => {
+                args.workloads = value()?.split(',').map(str::to_string).collect();
+                if let Some(bad) = args.workloads.iter().find(|w| !ALL.contains(&w.as_str())) {
+                    return Err(format!("unknown workload {bad:?} (known: {ALL:?})").into());
+                }
+            }
+            "--batch" => args.batch = value()?.parse()?,
+            "--eval-batch" => args.eval_batch = value()?.parse()?,
+            "--iters" => args.iters = value()?.parse()?,
+            "--warmup" => args.warmup = value()?.parse()?,
+            "--eio-iters" => args.eio_iters = Some(value()?.parse()?),
+            "--eio-warmup" => args.eio_warmup = Some(value()?.parse()?),
+            "--pgd-iters" => args.pgd_iters = Some(value()?.parse()?),
+            "--pgd-warmup" => args.pgd_warmup = Some(value()?.parse()?),
+            "--distill-layer" => args.distill_layer = value()?.parse()?,
+            "--pgd-steps" => args.pgd_steps = value()?.parse()?,
+            "--dtype" => args.dtype = value()?,
+            "--device" => args.device = value()?,
+            "--seed" => args.seed = value()?.parse()?,
+            "--json" => args.json = Some(value()?),
+            "--malloc-default" => args.malloc_default = true,
+            "--phases" => args.phases = true,
+            other => {
+                return Err(format!("unknown flag {other:?} (see benches/workloads.rs)").into())
+            }
+        }
+    }
+    if args.iters == 0 {
+        return Err("--iters must be at least 1".into());
+    }
+    Ok(args)
+}
+
+/// The kernel's peak resident set of this process, reset and read through procfs (Linux).
+mod peak_rss {
+    /// Resets the high-water mark (`VmHWM`) to the current resident set.
+    pub fn reset() {
+        // "5" resets the peak RSS (Documentation/filesystems/proc.rst); unavailable elsewhere.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+
+    /// `VmHWM` in MiB, if the kernel reports it.
+    pub fn mib() -> Option<f64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    }
+}
+
+/// Seconds per timed iteration of `step(i)`, after `warmup` untimed ones.
+fn time_loop(
+    device: &Device,
+    warmup: usize,
+    iters: usize,
+    mut step: impl FnMut(usize) -> BenchResult<()>,
+) -> BenchResult<Vec<f64>> {
+    for i in 0..warmup {
+        step(i)?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters {
+        device.synchronize()?;
+        let start = Instant::now();
+        step(warmup + i)?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+/// Median, mean and best of `times`.
+fn stats(times: &[f64]) -> (f64, f64, f64) {
+    let mut s = times.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    let median = if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    };
+    (median, s.iter().sum::<f64>() / s.len() as f64, s[0])
+}
+
+/// Random images uniform in [0, 1) and labels, `count` batches of `batch` (the bench data).
+fn images(
+    rng: &mut ChaCha8Rng,
+    batch: usize,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..batch * 3 * 32 * 32).map(|_| rng.random()).collect();
+    Tensor::from_vec(v, (batch, 3, 32, 32), device)?.to_dtype(dtype)
+}
+
+fn labels(rng: &mut ChaCha8Rng, batch: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let v: Vec<u32> = (0..batch).map(|_| rng.random_range(0..10)).collect();
+    Tensor::from_vec(v, batch, device)
+}
+
+struct Bench {
+    args: Args,
+    device: Device,
+    dtype: DType,
+    data: ChaCha8Rng,
+}
+
+/// The official preset at batch `batch`, with `model.n` overridden (1: plain ResNet-20).
+fn config(batch: usize, n: usize) -> BenchResult<(Config, Plan)> {
+    let config = Preset::Official
+        .config()?
+        .with_overrides(&[format!("train.batch_size={batch}"), format!("model.n={n}")])?;
+    let plan = config.plan()?;
+    Ok((config, plan))
+}
+
+fn sgd(config: &Config) -> Sgd {
+    Sgd::new(SgdConfig {
+        lr: config.train.lr,
+        momentum: config.train.momentum,
+        weight_decay: config.train.weight_decay,
+        nesterov: config.train.nesterov,
+    })
+}
+
+/// `torch_eio.py`'s layer schedule: layer `fixed`, or (0) every layer 1..=L once per L
+/// iterations in a shuffled order.
+fn layer_schedule(rng: &mut ChaCha8Rng, l: usize, fixed: usize, count: usize) -> Vec<usize> {
+    if fixed > 0 {
+        return vec![fixed; count];
+    }
+    let mut out = Vec::with_capacity(count + l);
+    while out.len() < count {
+        let mut perm: Vec<usize> = (1..=l).collect();
+        perm.shuffle(rng);
+        out.extend(perm);
+    }
+    out.truncate(count);
+    out
+}
+
+/// A workload's outcome: seconds per timed iteration, images per iteration, and extras.
+struct Outcome {
+    times: Vec<f64>,
+    images: usize,
+    extra: serde_json::Value,
+}
+
+impl Bench {
+    fn baseline_step(&mut self) -> BenchResult<Outcome> {
+        let a = self.args.clone();
+        let (config, plan) = config(a.batch, 1)?;
+        let seeds = Seeds::new(a.seed);
+        let mut state = ModelState::init(&plan, &seeds, 0, &self.device, self.dtype)?;
+        let mut optimiser = sgd(&config);
+        let path = plan
+            .path_space()
+            .sample(&mut seeds.stream(Stream::Gates, 0));
+        let xs = (0..4)
+            .map(|_| images(&mut self.data, a.batch, &self.device, self.dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let ys = (0..4)
+            .map(|_| labels(&mut self.data, a.batch, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let times = time_loop(&self.device, a.warmup, a.iters, |i| {
+            pretrain_iteration(
+                &plan,
+                &mut state,
+                &mut optimiser,
+                &path,
+                &xs[i % 4],
+                &ys[i % 4],
+                config.eio.unused_params,
+            )?;
+            Ok(())
+        })?;
+        Ok(Outcome {
+            times,
+            images: a.batch,
+            extra: json!({ "params": plan.parameter_count() }),
+        })
+    }
+
+    fn eio_step(&mut self) -> BenchResult<Outcome> {
+        let a = self.args.clone();
+        let (config, plan) = config(a.batch, 2)?;
+        let seeds = Seeds::new(a.seed);
+        let mut state = ModelState::init(&plan, &seeds, 0, &self.device, self.dtype)?;
+        let mut optimiser = sgd(&config);
+        let (warmup, iters) = (
+            a.eio_warmup.unwrap_or(a.warmup),
+            a.eio_iters.unwrap_or(a.iters),
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(a.seed + 1);
+        let mut layers = layer_schedule(&mut rng, plan.l(), a.distill_layer, warmup);
+        layers.extend(layer_schedule(&mut rng, plan.l(), a.distill_layer, iters));
+        let draws = layers
+            .iter()
+            .map(|&layer| {
+                let depth = plan.layer(layer).depth;
+                let paths = sample_paths(
+                    &plan.path_space(),
+                    depth,
+                    config.eio.p,
+                    config.eio.infeasible,
+                    &mut rng,
+                )?;
+                Ok(IterationDraw { layer, paths })
+            })
+            .collect::<BenchResult<Vec<_>>>()?;
+        let batches = (0..4)
+            .map(|_| {
+                Ok(EioBatch {
+                    source: images(&mut self.data, a.batch, &self.device, self.dtype)?,
+                    labels: labels(&mut self.data, a.batch, &self.device)?,
+                    target: images(&mut self.data, a.batch, &self.device, self.dtype)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let times = time_loop(&self.device, warmup, iters, |i| {
+            let mut start = seeds.stream(Stream::DistillStart, i as u64);
+            eq4_iteration(
+                &plan,
+                &mut state,
+                &mut optimiser,
+                &config,
+                &batches[i % 4],
+                &draws[i],
+                &mut start,
+            )?;
+            Ok(())
+        })?;
+        let timed = &draws[warmup..];
+        Ok(Outcome {
+            times,
+            images: a.batch,
+            extra: json!({
+                "layers_timed": timed.iter().map(|d| d.layer).collect::<Vec<_>>(),
+                "paths_per_iter_timed": timed.iter().map(|d| d.paths.len()).collect::<Vec<_>>(),
+                "warmup_iters_used": warmup,
+            }),
+        })
+    }
+
+    /// Where an `eio_step` iteration's time goes: the passes of `eq4_iteration` on the same
+    /// draws and data, re-run phase by phase with a clock around each (the same ops in the same
+    /// order, without the bookkeeping between them). Per path: the eval-mode target pass, then
+    /// for each distillation step the forward pass to layer l, the MSE and input-gradient
+    /// backward, and the sign step with its projection; then the p(p−1) train-mode
+    /// cross-training passes (forward, CE, backward with parameter gradients, their sum) and
+    /// the SGD step. Prints the mean per iteration of each phase over the timed iterations.
+    fn phases(&mut self) -> BenchResult<()> {
+        let a = self.args.clone();
+        let (config, plan) = config(a.batch, 2)?;
+        let seeds = Seeds::new(a.seed);
+        let mut state = ModelState::init(&plan, &seeds, 0, &self.device, self.dtype)?;
+        let mut optimiser = sgd(&config);
+        let iters = a.eio_iters.unwrap_or(a.iters);
+        let mut rng = ChaCha8Rng::seed_from_u64(a.seed + 1);
+        let layers = layer_schedule(&mut rng, plan.l(), a.distill_layer, iters);
+        let source = images(&mut self.data, a.batch, &self.device, self.dtype)?;
+        let target = images(&mut self.data, a.batch, &self.device, self.dtype)?;
+        let labels = labels(&mut self.data, a.batch, &self.device)?;
+        let d = &config.distill;
+        let names = [
+            "distillation target pass (once per path)",
+            "distillation forward to layer l",
+            "distillation MSE + input-gradient backward",
+            "distillation sign step + projection",
+            "cross-training forward + CE (train mode)",
+            "cross-training backward (parameter gradients)",
+            "gradient sum over paths",
+            "SGD step",
+        ];
+        let mut totals = [0.0f64; 8];
+        let clock = |device: &Device, t: &mut f64, start: Instant| -> BenchResult<()> {
+            device.synchronize()?;
+            *t += start.elapsed().as_secs_f64();
+            Ok(())
+        };
+        let mut wall = 0.0;
+        for &layer in &layers {
+            let depth = plan.layer(layer).depth;
+            let paths = sample_paths(
+                &plan.path_space(),
+                depth,
+                config.eio.p,
+                config.eio.infeasible,
+                &mut rng,
+            )?;
+            let feature = plan.feature_node(layer, d.feature, d.first_layer_before_relu);
+            let iteration = Instant::now();
+            let mut distilled = Vec::new();
+            for path in &paths {
+                let t = Instant::now();
+                let goal = forward(&plan, &state, path, &target, BnMode::Eval, feature)?
+                    .output(feature)
+                    .clone();
+                clock(&self.device, &mut totals[0], t)?;
+                let mut z = source.clone();
+                for _ in 0..d.steps {
+                    let t = Instant::now();
+                    let pass = forward(&plan, &state, path, &z, BnMode::Eval, feature)?;
+                    clock(&self.device, &mut totals[1], t)?;
+                    let t = Instant::now();
+                    let (_, grad) = ops::mse(pass.output(feature), &goal)?;
+                    let grad = input_gradient(&plan, &state, &pass, &[(feature, grad)])?;
+                    clock(&self.device, &mut totals[2], t)?;
+                    let t = Instant::now();
+                    let stepped = (&z - (ops::sign(&grad)? * d.step_size())?)?;
+                    z = stepped
+                        .minimum(&(&source + d.eps)?)?
+                        .maximum(&(&source - d.eps)?)?
+                        .clamp(0.0, 1.0)?;
+                    clock(&self.device, &mut totals[3], t)?;
+                }
+                distilled.push(z);
+            }
+            let scale = 1.0 / paths.len() as f64;
+            let mut total = eio_accelerated::model::Gradients::default();
+            for (i, path) in paths.iter().enumerate() {
+                for (j, x) in distilled.iter().enumerate() {
+                    if i == j {
+                        continue;
+                    }
+                    let t = Instant::now();
+                    let (out, trace) = logits(&plan, &state, path, x, BnMode::Train)?;
+                    state.commit(&trace);
+                    let (_, grad) = ops::cross_entropy(&out, &labels)?;
+                    clock(&self.device, &mut totals[4], t)?;
+                    let t = Instant::now();
+                    let grads =
+                        backward(&plan, &state, &trace, &[(plan.logits(), (grad * scale)?)])?;
+                    clock(&self.device, &mut totals[5], t)?;
+                    let t = Instant::now();
+                    total.add(grads)?;
+                    clock(&self.device, &mut totals[6], t)?;
+                }
+            }
+            let t = Instant::now();
+            eio_accelerated::eio::sgd_step(
+                &plan,
+                &mut state,
+                &mut optimiser,
+                &total,
+                config.eio.unused_params,
+            )?;
+            clock(&self.device, &mut totals[7], t)?;
+            wall += iteration.elapsed().as_secs_f64();
+        }
+        let n = layers.len() as f64;
+        println!(
+            "eio_step phases: mean per iteration over {} iterations (layers {:?}), {:.1} ms in all",
+            layers.len(),
+            layers,
+            wall / n * 1e3
+        );
+        let timed: f64 = totals.iter().sum();
+        for (name, t) in names.iter().zip(totals) {
+            println!(
+                "  {name:<48} {:9.1} ms  {:5.1}%",
+                t / n * 1e3,
+                100.0 * t / timed
+            );
+        }
+        println!(
+            "  {:<48} {:9.1} ms",
+            "between phases (loop, draws)",
+            (wall - timed) / n * 1e3
+        );
+        Ok(())
+    }
+
+    fn pgd50_eval(&mut self) -> BenchResult<Outcome> {
+        let a = self.args.clone();
+        let (config, plan) = config(a.eval_batch, 1)?;
+        let seeds = Seeds::new(a.seed);
+        let state = ModelState::init(&plan, &seeds, 0, &self.device, self.dtype)?;
+        let path = plan
+            .path_space()
+            .sample(&mut seeds.stream(Stream::Gates, 0));
+        let target = Target::Path {
+            plan: &plan,
+            state: &state,
+            path: &path,
+            mode: BnMode::Eval,
+        };
+        let settings = AttackSettings {
+            eps: 0.03,
+            step_size: 0.006,
+            steps: a.pgd_steps,
+            random_start: true,
+            loss: AttackLoss::Ce,
+            cw_kappa: config.eval.cw_kappa,
+            momentum: None,
+            input_diversity: None,
+            skip_gradient: None,
+        };
+        let xs = (0..2)
+            .map(|_| images(&mut self.data, a.eval_batch, &self.device, self.dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let ys = (0..2)
+            .map(|_| labels(&mut self.data, a.eval_batch, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let (warmup, iters) = (
+            a.pgd_warmup.unwrap_or(a.warmup),
+            a.pgd_iters.unwrap_or(a.iters),
+        );
+        let times = time_loop(&self.device, warmup, iters, |i| {
+            let mut rng = seeds.stream(Stream::AttackStart, i as u64);
+            pgd(&target, &xs[i % 2], &ys[i % 2], &settings, &mut rng)?;
+            Ok(())
+        })?;
+        Ok(Outcome {
+            times,
+            images: a.eval_batch,
+            extra: json!({ "pgd_eps": 0.03, "pgd_step": 0.006, "pgd_steps": a.pgd_steps }),
+        })
+    }
+
+    fn rgn_forward_eval(&mut self) -> BenchResult<Outcome> {
+        let a = self.args.clone();
+        let (_, plan) = config(a.eval_batch, 2)?;
+        let seeds = Seeds::new(a.seed);
+        let state = ModelState::init(&plan, &seeds, 0, &self.device, self.dtype)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(a.seed + 2);
+        let paths: Vec<_> = (0..a.warmup + a.iters)
+            .map(|_| plan.path_space().sample(&mut rng))
+            .collect();
+        let xs = (0..2)
+            .map(|_| images(&mut self.data, a.eval_batch, &self.device, self.dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let times = time_loop(&self.device, a.warmup, a.iters, |i| {
+            eval_logits(&plan, &state, &paths[i], &xs[i % 2])?;
+            Ok(())
+        })?;
+        Ok(Outcome {
+            times,
+            images: a.eval_batch,
+            extra: json!({}),
+        })
+    }
+}
+
+fn main() -> BenchResult<()> {
+    let args = parse_args()?;
+    if !args.malloc_default {
+        eio_accelerated::device::keep_freed_memory();
+    }
+    let device = eio_accelerated::device::select(&args.device)?;
+    let dtype = eio_accelerated::device::dtype(&args.dtype)?;
+    println!(
+        "eio workloads | device {} dtype {:?} | threads {} | batch {} eval-batch {}",
+        args.device,
+        dtype,
+        rayon::current_num_threads(),
+        args.batch,
+        args.eval_batch
+    );
+    let mut bench = Bench {
+        device,
+        dtype,
+        data: ChaCha8Rng::seed_from_u64(args.seed),
+        args: args.clone(),
+    };
+    if args.phases {
+        return eio_accelerated::device::on_cpu_pool(|| bench.phases());
+    }
+    let mut results = serde_json::Map::new();
+    for name in &args.workloads {
+        peak_rss::reset();
+        let outcome = eio_accelerated::device::on_cpu_pool(|| match name.as_str() {
+            "baseline_step" => bench.baseline_step(),
+            "eio_step" => bench.eio_step(),
+            "pgd50_eval" => bench.pgd50_eval(),
+            _ => bench.rgn_forward_eval(),
+        })?;
+        let peak = peak_rss::mib();
+        let (median, mean, best) = stats(&outcome.times);
+        let per_s = |t: f64| outcome.images as f64 / t;
+        println!(
+            "{name:<17} median {:9.2} ms  min {:9.2} ms  mean {:9.2} ms | {:8.1} img/s (median) {:8.1} img/s (mean) | batch {} | peak RSS {}",
+            median * 1e3,
+            best * 1e3,
+            mean * 1e3,
+            per_s(median),
+            per_s(mean),
+            outcome.images,
+            peak.map_or("n/a".into(), |m| format!("{m:.0} MiB")),
+        );
+        results.insert(
+            name.clone(),
+            json!({
+                "median_ms": median * 1e3,
+                "mean_ms": mean * 1e3,
+                "min_ms": best * 1e3,
+                "images_per_iter": outcome.images,
+                "images_per_s_median": per_s(median),
+                "images_per_s_mean": per_s(mean),
+                "images_per_s_best": per_s(best),
+                "peak_rss_mib": peak,
+                "per_iter_ms": outcome.times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+                "extra": outcome.extra,
+            }),
+        );
+    }
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "engine": "eio",
+            "dtype": args.dtype,
+            "device": args.device,
+            "threads": rayon::current_num_threads(),
+            "batch": args.batch,
+            "eval_batch": args.eval_batch,
+            "results": results,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .map_err(|e| format!("writing {path}: {e}"))?;
+    }
+    Ok(())
+}
