@@ -5,8 +5,9 @@
 //! Convolutions are im2col + GEMM (the `gemm` crate candle itself uses), with the convolution
 //! of image n written as `Y_n = W · cols(X_n)`, where `W` is the weight viewed as `[C_out, K]`,
 //! `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches (zero where a
-//! tap falls in the padding). Its gradients are then two more GEMMs: `dX_n = col2im(Wᵀ · dY_n)`
-//! and `dW = Σ_n dY_n · cols(X_n)ᵀ`. The batch is cut into chunks of a few images whose
+//! tap falls in the padding). Its gradients are then two more GEMMs: `dW = Σ_n dY_n · cols(X_n)ᵀ`,
+//! and `dX_n`, for a stride-1 "same" convolution the forward convolution of `dY_n` with the
+//! flipped, transposed kernel, for any other `col2im(Wᵀ · dY_n)`. The batch is cut into chunks of a few images whose
 //! matrices sit side by side (`[cols(X_1) … cols(X_c)]`), one GEMM per chunk, so that a GEMM
 //! with only `C_out` = 8-64 rows still has thousands of columns; the chunks run in parallel.
 //! The chunking depends on the shapes only, so results do not depend on the thread count.

@@ -8,7 +8,11 @@
 //!
 //! * f32 / f64 on the CPU: the kernels of [`cpu_kernels`] (im2col + GEMM convolutions, fused
 //!   BatchNorm, ReLU and linear passes, parallel on rayon's pool) for the convolution,
-//!   BatchNorm, ReLU-backward and linear ops, which are nearly all of a step's time;
+//!   BatchNorm, ReLU, residual-add and linear ops, which are nearly all of a step's time. The
+//!   interpreter ([`crate::model`]) runs a BatchNorm or residual add and the ReLU after it as one
+//!   op ([`batch_norm_relu`], [`add_relu`]) and their backward as one
+//!   ([`relu_batch_norm_backward`]): the same values as the ops one after the other, in fewer
+//!   passes over memory;
 //! * anything else (CUDA): the stock candle ops of [`stock`]. The GPU hot path of a later issue
 //!   (cuDNN convolutions, fused BatchNorm and update kernels) replaces that branch.
 //!
