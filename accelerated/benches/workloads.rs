@@ -25,7 +25,7 @@
 //! script reads them), and the process's peak resident memory during the workload (the
 //! kernel's high-water mark, reset before each workload through `/proc/self/clear_refs`).
 //!
-//! Flags: `--workloads a,b`, `--batch 128`, `--eval-batch 100`, `--iters 20`, `--warmup 5`,
+//! Flags (`--help` lists them): `--workloads a,b`, `--batch 128`, `--eval-batch 100`, `--iters 20`, `--warmup 5`,
 //! `--eio-iters N` / `--pgd-iters N` / `--eio-warmup N` / `--pgd-warmup N` (per-workload
 //! overrides), `--distill-layer 0`, `--pgd-steps 50`, `--dtype f32|f64`, `--device cpu|cuda`,
 //! `--seed 0`, `--json PATH`, `--malloc-default` (leave glibc's allocator settings as they are
@@ -53,93 +53,88 @@ use serde_json::json;
 
 type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
-const ALL: [&str; 4] = [
-    "baseline_step",
-    "eio_step",
-    "pgd50_eval",
-    "rgn_forward_eval",
-];
-
-#[derive(Debug, Clone)]
-struct Args {
-    workloads: Vec<String>,
-    batch: usize,
-    eval_batch: usize,
-    iters: usize,
-    warmup: usize,
-    eio_iters: Option<usize>,
-    eio_warmup: Option<usize>,
-    pgd_iters: Option<usize>,
-    pgd_warmup: Option<usize>,
-    distill_layer: usize,
-    pgd_steps: usize,
-    dtype: String,
-    device: String,
-    seed: u64,
-    json: Option<String>,
-    malloc_default: bool,
-    phases: bool,
+/// The workloads, by `torch_eio.py`'s names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[clap(rename_all = "snake_case")]
+enum Workload {
+    BaselineStep,
+    EioStep,
+    Pgd50Eval,
+    RgnForwardEval,
 }
 
-fn parse_args() -> BenchResult<Args> {
-    let mut args = Args {
-        workloads: ALL.iter().map(|s| s.to_string()).collect(),
-        batch: 128,
-        eval_batch: 100,
-        iters: 20,
-        warmup: 5,
-        eio_iters: None,
-        eio_warmup: None,
-        pgd_iters: None,
-        pgd_warmup: None,
-        distill_layer: 0,
-        pgd_steps: 50,
-        dtype: "f32".into(),
-        device: "cpu".into(),
-        seed: 0,
-        json: None,
-        malloc_default: false,
-        phases: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || -> BenchResult<String> {
-            it.next()
-                .ok_or_else(|| format!("{flag} needs a value").into())
-        };
-        match flag.as_str() {
-            "--bench" => {}
-            "--workloads" => {
-                args.workloads = value()?.split(',').map(str::to_string).collect();
-                if let Some(bad) = args.workloads.iter().find(|w| !ALL.contains(&w.as_str())) {
-                    return Err(format!("unknown workload {bad:?} (known: {ALL:?})").into());
-                }
-            }
-            "--batch" => args.batch = value()?.parse()?,
-            "--eval-batch" => args.eval_batch = value()?.parse()?,
-            "--iters" => args.iters = value()?.parse()?,
-            "--warmup" => args.warmup = value()?.parse()?,
-            "--eio-iters" => args.eio_iters = Some(value()?.parse()?),
-            "--eio-warmup" => args.eio_warmup = Some(value()?.parse()?),
-            "--pgd-iters" => args.pgd_iters = Some(value()?.parse()?),
-            "--pgd-warmup" => args.pgd_warmup = Some(value()?.parse()?),
-            "--distill-layer" => args.distill_layer = value()?.parse()?,
-            "--pgd-steps" => args.pgd_steps = value()?.parse()?,
-            "--dtype" => args.dtype = value()?,
-            "--device" => args.device = value()?,
-            "--seed" => args.seed = value()?.parse()?,
-            "--json" => args.json = Some(value()?),
-            "--malloc-default" => args.malloc_default = true,
-            "--phases" => args.phases = true,
-            other => {
-                return Err(format!("unknown flag {other:?} (see benches/workloads.rs)").into())
-            }
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::BaselineStep => "baseline_step",
+            Workload::EioStep => "eio_step",
+            Workload::Pgd50Eval => "pgd50_eval",
+            Workload::RgnForwardEval => "rgn_forward_eval",
         }
     }
-    if args.iters == 0 {
-        return Err("--iters must be at least 1".into());
-    }
-    Ok(args)
+}
+
+/// PyTorch's workloads (`torch_eio.py`), run by the accelerated engine.
+#[derive(Debug, Clone, clap::Parser)]
+struct Args {
+    /// The workloads to run, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline_step,eio_step,pgd50_eval,rgn_forward_eval"
+    )]
+    workloads: Vec<Workload>,
+    /// Training batch (baseline_step, eio_step).
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Batch of pgd50_eval and rgn_forward_eval.
+    #[arg(long, default_value_t = 100)]
+    eval_batch: usize,
+    /// Timed iterations per workload.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed warm-up iterations per workload.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Timed iterations of eio_step (and --phases), instead of --iters.
+    #[arg(long)]
+    eio_iters: Option<usize>,
+    /// Warm-up iterations of eio_step, instead of --warmup.
+    #[arg(long)]
+    eio_warmup: Option<usize>,
+    /// Timed iterations of pgd50_eval, instead of --iters.
+    #[arg(long)]
+    pgd_iters: Option<usize>,
+    /// Warm-up iterations of pgd50_eval, instead of --warmup.
+    #[arg(long)]
+    pgd_warmup: Option<usize>,
+    /// EIO distillation layer: 0 = every layer once per L iterations, shuffled; L = that layer.
+    #[arg(long, default_value_t = 0)]
+    distill_layer: usize,
+    /// PGD steps of pgd50_eval.
+    #[arg(long, default_value_t = 50)]
+    pgd_steps: usize,
+    /// f32 or f64.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of the weights, data and draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<String>,
+    /// Leave glibc's allocator settings as they are (no `device::keep_freed_memory`).
+    #[arg(long)]
+    malloc_default: bool,
+    /// Where an eio_step iteration's time goes, phase by phase, instead of the workloads.
+    #[arg(long)]
+    phases: bool,
+    /// Passed by `cargo bench` to every bench target.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 /// The kernel's peak resident set of this process, reset and read through procfs (Linux).
@@ -250,6 +245,30 @@ fn layer_schedule(rng: &mut ChaCha8Rng, l: usize, fixed: usize, count: usize) ->
     out
 }
 
+/// The draws of `count` EIO iterations: each layer from [`layer_schedule`], then p paths with
+/// distinct prefixes at its depth (Algorithm 1 lines 11-12).
+fn iteration_draws(
+    plan: &Plan,
+    config: &Config,
+    rng: &mut ChaCha8Rng,
+    fixed_layer: usize,
+    count: usize,
+) -> BenchResult<Vec<IterationDraw>> {
+    layer_schedule(rng, plan.l(), fixed_layer, count)
+        .into_iter()
+        .map(|layer| {
+            let paths = sample_paths(
+                &plan.path_space(),
+                plan.layer(layer).depth,
+                config.eio.p,
+                config.eio.infeasible,
+                rng,
+            )?;
+            Ok(IterationDraw { layer, paths })
+        })
+        .collect()
+}
+
 /// A workload's outcome: seconds per timed iteration, images per iteration, and extras.
 struct Outcome {
     times: Vec<f64>,
@@ -303,22 +322,15 @@ impl Bench {
             a.eio_iters.unwrap_or(a.iters),
         );
         let mut rng = ChaCha8Rng::seed_from_u64(a.seed + 1);
-        let mut layers = layer_schedule(&mut rng, plan.l(), a.distill_layer, warmup);
-        layers.extend(layer_schedule(&mut rng, plan.l(), a.distill_layer, iters));
-        let draws = layers
-            .iter()
-            .map(|&layer| {
-                let depth = plan.layer(layer).depth;
-                let paths = sample_paths(
-                    &plan.path_space(),
-                    depth,
-                    config.eio.p,
-                    config.eio.infeasible,
-                    &mut rng,
-                )?;
-                Ok(IterationDraw { layer, paths })
-            })
-            .collect::<BenchResult<Vec<_>>>()?;
+        // Warm-up and timed iterations each from a schedule of their own, as torch_eio.py.
+        let mut draws = iteration_draws(&plan, &config, &mut rng, a.distill_layer, warmup)?;
+        draws.extend(iteration_draws(
+            &plan,
+            &config,
+            &mut rng,
+            a.distill_layer,
+            iters,
+        )?);
         let batches = (0..4)
             .map(|_| {
                 Ok(EioBatch {
@@ -368,7 +380,7 @@ impl Bench {
         let mut optimiser = sgd(&config);
         let iters = a.eio_iters.unwrap_or(a.iters);
         let mut rng = ChaCha8Rng::seed_from_u64(a.seed + 1);
-        let layers = layer_schedule(&mut rng, plan.l(), a.distill_layer, iters);
+        let draws = iteration_draws(&plan, &config, &mut rng, a.distill_layer, iters)?;
         let source = images(&mut self.data, a.batch, &self.device, self.dtype)?;
         let target = images(&mut self.data, a.batch, &self.device, self.dtype)?;
         let labels = labels(&mut self.data, a.batch, &self.device)?;
@@ -390,19 +402,12 @@ impl Bench {
             Ok(())
         };
         let mut wall = 0.0;
-        for &layer in &layers {
-            let depth = plan.layer(layer).depth;
-            let paths = sample_paths(
-                &plan.path_space(),
-                depth,
-                config.eio.p,
-                config.eio.infeasible,
-                &mut rng,
-            )?;
+        for IterationDraw { layer, paths } in &draws {
+            let layer = *layer;
             let feature = plan.feature_node(layer, d.feature, d.first_layer_before_relu);
             let iteration = Instant::now();
             let mut distilled = Vec::new();
-            for path in &paths {
+            for path in paths {
                 let t = Instant::now();
                 let goal = forward(&plan, &state, path, &target, BnMode::Eval, feature)?
                     .output(feature)
@@ -459,11 +464,11 @@ impl Bench {
             clock(&self.device, &mut totals[7], t)?;
             wall += iteration.elapsed().as_secs_f64();
         }
-        let n = layers.len() as f64;
+        let n = draws.len() as f64;
         println!(
             "eio_step phases: mean per iteration over {} iterations (layers {:?}), {:.1} ms in all",
-            layers.len(),
-            layers,
+            draws.len(),
+            draws.iter().map(|d| d.layer).collect::<Vec<_>>(),
             wall / n * 1e3
         );
         let timed: f64 = totals.iter().sum();
@@ -554,7 +559,10 @@ impl Bench {
 }
 
 fn main() -> BenchResult<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
+    if args.iters == 0 || args.eio_iters == Some(0) || args.pgd_iters == Some(0) {
+        return Err("--iters, --eio-iters and --pgd-iters must be at least 1".into());
+    }
     if !args.malloc_default {
         eio_accelerated::device::keep_freed_memory();
     }
@@ -578,13 +586,14 @@ fn main() -> BenchResult<()> {
         return eio_accelerated::device::on_cpu_pool(|| bench.phases());
     }
     let mut results = serde_json::Map::new();
-    for name in &args.workloads {
+    for &workload in &args.workloads {
         peak_rss::reset();
-        let outcome = eio_accelerated::device::on_cpu_pool(|| match name.as_str() {
-            "baseline_step" => bench.baseline_step(),
-            "eio_step" => bench.eio_step(),
-            "pgd50_eval" => bench.pgd50_eval(),
-            _ => bench.rgn_forward_eval(),
+        let name = workload.name();
+        let outcome = eio_accelerated::device::on_cpu_pool(|| match workload {
+            Workload::BaselineStep => bench.baseline_step(),
+            Workload::EioStep => bench.eio_step(),
+            Workload::Pgd50Eval => bench.pgd50_eval(),
+            Workload::RgnForwardEval => bench.rgn_forward_eval(),
         })?;
         let peak = peak_rss::mib();
         let (median, mean, best) = stats(&outcome.times);
@@ -600,7 +609,7 @@ fn main() -> BenchResult<()> {
             peak.map_or("n/a".into(), |m| format!("{m:.0} MiB")),
         );
         results.insert(
-            name.clone(),
+            name.to_string(),
             json!({
                 "median_ms": median * 1e3,
                 "mean_ms": mean * 1e3,
