@@ -93,7 +93,7 @@ impl RunDir {
         self.root.join("folded.safetensors")
     }
 
-    fn write_err(path: &FsPath) -> impl FnOnce(std::io::Error) -> ExperimentError + '_ {
+    pub(crate) fn write_err(path: &FsPath) -> impl FnOnce(std::io::Error) -> ExperimentError + '_ {
         move |source| ExperimentError::Write {
             path: path.to_path_buf(),
             source,
@@ -1207,7 +1207,7 @@ struct PipelineTiming {
 /// The stage's finished model, or train it (fresh from `fresh`, or resumed) and return it;
 /// `None` when interrupted.
 #[allow(clippy::too_many_arguments)]
-fn finished_or_train(
+pub(crate) fn finished_or_train(
     dir: &RunDir,
     config: &Config,
     data: &DataSplits,

@@ -244,7 +244,7 @@ impl Vm<'_> {
     }
 
     fn set_items(&mut self, items: Vec<ObjId>) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.fail("SETITEMS with an odd number of objects");
         }
         let target = self.top()?;

@@ -291,7 +291,17 @@ impl Shard {
 
     /// Whether `job` belongs to this shard.
     pub fn contains(&self, job: &Job) -> bool {
-        job.index % self.count == self.index
+        self.holds(job.index)
+    }
+
+    /// Whether item `index` of a list belongs to this shard.
+    pub fn holds(&self, index: usize) -> bool {
+        index % self.count == self.index
+    }
+
+    /// The items of a list of `len` this shard holds, in order (a sweep's runs).
+    pub fn indices(&self, len: usize) -> Vec<usize> {
+        (0..len).filter(|&i| self.holds(i)).collect()
     }
 }
 
@@ -310,6 +320,24 @@ mod tests {
         ["baseline3", "baseline5", "baseline8"]
             .map(String::from)
             .to_vec()
+    }
+
+    #[test]
+    fn shards_of_a_list_cover_every_item_once() {
+        for len in 0..12 {
+            for count in 1..5 {
+                let mut seen: Vec<usize> = (0..count)
+                    .flat_map(|index| Shard { index, count }.indices(len))
+                    .collect();
+                seen.sort_unstable();
+                assert_eq!(
+                    seen,
+                    (0..len).collect::<Vec<_>>(),
+                    "{len} items, {count} shards"
+                );
+            }
+        }
+        assert_eq!(Shard { index: 1, count: 3 }.indices(7), vec![1, 4]);
     }
 
     #[test]

@@ -949,7 +949,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), FieldErrors> {
         let mut v = Validator::default();
         let m = &self.model;
-        if m.arch == Arch::Resnet && (m.depth < 8 || (m.depth - 2) % 6 != 0) {
+        if m.arch == Arch::Resnet && (m.depth < 8 || !(m.depth - 2).is_multiple_of(6)) {
             v.fail(
                 "model.depth",
                 m.depth,
@@ -961,7 +961,7 @@ impl Config {
         v.at_least("model.classes", m.classes, 2);
         v.at_least("model.in_channels", m.in_channels, 1);
         v.at_least("model.input_size", m.input_size, 1);
-        if m.arch == Arch::Vgg16 && m.input_size % 32 != 0 {
+        if m.arch == Arch::Vgg16 && !m.input_size.is_multiple_of(32) {
             v.fail(
                 "model.input_size",
                 m.input_size,

@@ -24,6 +24,7 @@
 pub mod attack;
 pub mod blackbox;
 pub mod config;
+pub mod figure;
 pub mod gates;
 pub mod noise;
 pub mod plan;

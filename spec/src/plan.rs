@@ -777,7 +777,7 @@ impl Builder {
 
     /// DVERGE's CIFAR ResNet-(6k+2): stem, three stages of k BasicBlocks, GAP, fc.
     fn resnet(&mut self, depth: usize) -> Result<(), PlanError> {
-        if depth < 8 || (depth - 2) % 6 != 0 {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(PlanError::ResNetDepth { depth });
         }
         let blocks = (depth - 2) / 6;

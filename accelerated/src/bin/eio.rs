@@ -15,8 +15,11 @@ use eio_accelerated::checkpoint::{Checkpoint, Phase};
 use eio_accelerated::experiment::{
     self, Deployment, EvalReport, Evaluated, PipelineDisplay, RunDir,
 };
+use eio_accelerated::sweep::{self, Sweep};
 use eio_accelerated::train::{self, BatchEvent, EpochRecord, Flow, Observer, Outcome, TrainError};
+use eio_spec::blackbox::Shard;
 use eio_spec::config::{AttackLoss, Config, Preset};
+use eio_spec::figure::Source;
 use eio_spec::rng::{Seeds, Stream};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -48,6 +51,47 @@ enum Command {
     Export(ExportArgs),
     /// The black-box transfer suite: train surrogates, generate versions, check a folder.
     Blackbox(BlackboxArgs),
+    /// Run a paper figure's runs (configs/figures/), or one shard of them; finished runs are
+    /// skipped and interrupted ones resumed by the same command.
+    Sweep(SweepArgs),
+    /// Draw a sweep folder's finished runs: SVG and PNG panels, figure.md, CSV.
+    Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// A shipped figure (fig3, fig4, fig5, fig6, fig7, fig8) or a figure file (.toml).
+    figure: String,
+    /// The figure's scale: cpu (each figure about 90 minutes on 2 cores, reduced as its note
+    /// says) or paper (the paper's settings, for GPUs).
+    #[arg(long, default_value = "cpu")]
+    scale: String,
+    /// The sweep folder (default: runs/<figure>-<scale>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a setting of every run, after the scale's: --set data.path=cifar10.tar.gz.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the runs, their shard and status, and exit.
+    #[arg(long)]
+    list: bool,
+    /// Run only task I of N (0 <= I < N): runs I, I+N, I+2N, ... Default: SLURM_ARRAY_TASK_ID
+    /// of SLURM_ARRAY_TASK_COUNT when set (`sbatch --array=0-N-1`), else every run.
+    #[arg(long, value_name = "I", requires = "tasks")]
+    task: Option<usize>,
+    #[arg(long, value_name = "N", requires = "task")]
+    tasks: Option<usize>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// A sweep folder (of `eio sweep`).
+    dir: PathBuf,
+    /// Where the plots, figure.md and CSV files go (default: DIR).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -358,6 +402,8 @@ fn run(cli: Cli) -> Result<std::process::ExitCode> {
             BlackboxCommand::Generate(a) => generate_cmd(a, &interrupt)?,
             BlackboxCommand::Status(a) => status_cmd(a)?,
         },
+        Command::Sweep(a) => sweep_cmd(a, &interrupt)?,
+        Command::Plot(a) => plot_cmd(a)?,
     };
     Ok(if finished {
         std::process::ExitCode::SUCCESS
@@ -1278,6 +1324,105 @@ fn run_cmd(a: RunArgs, interrupt: &AtomicBool) -> Result<bool> {
         started.elapsed().as_secs_f64(),
         out.join("report.md").display()
     );
+    Ok(true)
+}
+
+fn sweep_cmd(a: SweepArgs, interrupt: &AtomicBool) -> Result<bool> {
+    let source = Source::open(&a.figure)?;
+    let sweep = Sweep::new(&source, &a.scale, &a.set)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let stem = FsPath::new(&a.figure)
+            .file_stem()
+            .map_or(a.figure.clone(), |s| s.to_string_lossy().into_owned());
+        PathBuf::from("runs").join(format!("{stem}-{}", a.scale))
+    });
+    let shard = match (a.task, a.tasks) {
+        (Some(index), Some(count)) => Shard::parse(&format!("{index}/{count}"))?,
+        _ => Shard::from_slurm(|name| std::env::var(name).ok())?.unwrap_or(Shard::ALL),
+    };
+    let runs = &sweep.record.figure.runs;
+    let indices = shard.indices(runs.len());
+    if a.list {
+        println!(
+            "{} at scale {}: {} runs; task {shard} runs {} of them\n",
+            source.origin,
+            a.scale,
+            runs.len(),
+            indices.len()
+        );
+        println!(
+            "| # | id | label | method | task | status | stages |\n|---|---|---|---|---|---|---|"
+        );
+        for (i, run) in runs.iter().enumerate() {
+            let stages: Vec<String> = sweep.stages(i).into_iter().map(|s| s.name).collect();
+            println!(
+                "| {i} | {} | {} | {:?} | {} | {:?} | {} |",
+                run.id,
+                run.label,
+                run.method,
+                i % shard.count,
+                sweep.status(&out, i),
+                stages.join(", ")
+            );
+        }
+        if let Some(suite) = sweep.suite_stage() {
+            println!("\nEvery run is judged on the black-box suite of stage {suite}.");
+        }
+        return Ok(true);
+    }
+    let (device, dtype) = engine(&a.common)?;
+    let mut display = Display::new(a.common.quiet);
+    let base = sweep.record.base.clone();
+    let quiet = a.common.quiet;
+    let started = Instant::now();
+    let summary = sweep::run_shard(
+        &sweep,
+        &out,
+        &indices,
+        &mut || {
+            load_data(&base, quiet)
+                .map_err(|e| experiment::ExperimentError::Usage(format!("{e:#}")))
+        },
+        &device,
+        dtype,
+        &mut display,
+        interrupt,
+    )?;
+    for (id, seconds) in &summary.finished {
+        println!("finished {id} in {seconds:.1} s");
+    }
+    if !summary.skipped.is_empty() {
+        println!("already finished: {}", summary.skipped.join(", "));
+    }
+    if !summary.busy.is_empty() {
+        println!(
+            "run by another process (not waited for): {}",
+            summary.busy.join(", ")
+        );
+    }
+    println!(
+        "task {shard}: wall time {:.1} s; draw with: eio plot {}",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(!summary.interrupted)
+}
+
+fn plot_cmd(a: PlotArgs) -> Result<bool> {
+    let sweep = Sweep::open(&a.dir)?;
+    let results = sweep::results(&sweep, &a.dir)?;
+    let out = a.out.unwrap_or_else(|| a.dir.clone());
+    let summary = eio_accelerated::plot::plot(&sweep, &results, &out)?;
+    println!(
+        "{} of {} runs drawn into {}: {}",
+        results.iter().flatten().count(),
+        results.len(),
+        out.display(),
+        summary.files.join(", ")
+    );
+    if !summary.missing.is_empty() {
+        println!("missing (not finished): {}", summary.missing.join(", "));
+    }
     Ok(true)
 }
 
