@@ -192,9 +192,13 @@ pub struct Figure {
 }
 
 /// The figures shipped in `configs/figures/`, by name.
-pub const BUILTIN: [(&str, &str); 6] = [
+pub const BUILTIN: [(&str, &str); 7] = [
     ("fig3", include_str!("../../configs/figures/fig3.toml")),
     ("fig4", include_str!("../../configs/figures/fig4.toml")),
+    (
+        "fig4-vgg16",
+        include_str!("../../configs/figures/fig4-vgg16.toml"),
+    ),
     ("fig5", include_str!("../../configs/figures/fig5.toml")),
     ("fig6", include_str!("../../configs/figures/fig6.toml")),
     ("fig7", include_str!("../../configs/figures/fig7.toml")),
