@@ -408,7 +408,9 @@ fn run(cli: Cli) -> Result<std::process::ExitCode> {
     Ok(if finished {
         std::process::ExitCode::SUCCESS
     } else {
-        eprintln!("stopped; continue with the same command and --resume");
+        eprintln!(
+            "stopped; the same command continues (add --resume to train, derive and run; sweep needs nothing)"
+        );
         std::process::ExitCode::from(130)
     })
 }
