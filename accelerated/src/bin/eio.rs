@@ -48,6 +48,14 @@ enum Command {
     Export(ExportArgs),
     /// The black-box transfer suite: train surrogates, generate versions, check a folder.
     Blackbox(BlackboxArgs),
+    /// Check a file or a folder tree (runs, suites, sweeps): what is complete, partial, corrupt.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// A file (checkpoint, model, metrics.jsonl, eval.json, ...) or a folder, walked recursively.
+    path: PathBuf,
 }
 
 #[derive(Args)]
@@ -358,6 +366,7 @@ fn run(cli: Cli) -> Result<std::process::ExitCode> {
             BlackboxCommand::Generate(a) => generate_cmd(a, &interrupt)?,
             BlackboxCommand::Status(a) => status_cmd(a)?,
         },
+        Command::Verify(a) => return verify_cmd(a),
     };
     Ok(if finished {
         std::process::ExitCode::SUCCESS
@@ -1219,6 +1228,17 @@ fn generate_cmd(a: GenerateArgs, interrupt: &AtomicBool) -> Result<bool> {
         }
     );
     Ok(!summary.interrupted)
+}
+
+/// Prints the report of `eio_accelerated::verify`; exits 1 when anything is corrupt.
+fn verify_cmd(a: VerifyArgs) -> Result<std::process::ExitCode> {
+    let report = eio_accelerated::verify::verify(&a.path)?;
+    print!("{}", report.render());
+    Ok(if report.has_corrupt() {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
 }
 
 fn status_cmd(a: StatusArgs) -> Result<bool> {
