@@ -99,7 +99,66 @@ pub fn serialize_sealed<'a, S: AsRef<str>>(
         .into_iter()
         .map(|(n, v)| (n.as_ref().to_string(), v))
         .collect();
-    safetensors::serialize(named, Some(metadata))
+    let bytes = safetensors::serialize(named, Some(metadata))?;
+    Ok(canonical_header(bytes))
+}
+
+/// `bytes` with the header's JSON objects in key order (safetensors writes its metadata map
+/// in hash order), so the same contents always give the same file.
+fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
+    fn write(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                    out.push(':');
+                    write(&map[k], out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    let Some(n) = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+    else {
+        return bytes;
+    };
+    let Some(Ok(header)) = bytes
+        .get(8..8 + n)
+        .map(serde_json::from_slice::<serde_json::Value>)
+    else {
+        return bytes;
+    };
+    let mut text = String::new();
+    write(&header, &mut text);
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
 }
 
 /// Parses `bytes` as safetensors and checks the stored checksum, if any.
@@ -180,6 +239,15 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(check(&bytes[..n]).is_err(), "truncated to {n} bytes");
         }
+    }
+
+    #[test]
+    fn the_same_contents_give_the_same_bytes() {
+        let first = sample();
+        for _ in 0..20 {
+            assert_eq!(sample(), first);
+        }
+        assert!(check(&first).is_ok());
     }
 
     #[test]
