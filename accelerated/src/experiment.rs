@@ -11,6 +11,19 @@
 //! * `folded.safetensors` (derive with `fold_bn`): the deployment network, see
 //!   [`FoldedNetwork`];
 //! * `eval.json` / `eval.csv` (evaluate): [`EvalReport`].
+//!
+//! # What survives which fault
+//! Every file is written by [`crate::safe_write::write_atomically`] (temporary file, fsync,
+//! rename, folder fsync), so a kill at any instant leaves each file old or new, never torn, and
+//! a failed write (disk full, read-only folder) leaves the old version and no temporary file,
+//! with an error naming the file and the OS reason. `metrics.jsonl` is appended by rewriting it
+//! atomically; an epoch's record is written *before* its checkpoint and kept in it
+//! ([`crate::checkpoint::CheckpointMeta::last_record`]), and [`train_in`] first removes stale
+//! temporary files and repairs the file ([`RunDir::repair_metrics`]: a torn last line cut, records
+//! of epochs past the checkpoint dropped, the checkpoint's last record restored), so a resumed
+//! run has exactly one record per epoch and, on the CPU, bit-identical weights. Safetensors
+//! files carry a checksum ([`crate::integrity`]) verified on load; [`crate::verify`] checks a
+//! whole folder tree.
 
 use std::fs;
 use std::path::{Path as FsPath, PathBuf};

@@ -471,3 +471,67 @@ fn check_suite(folder: &Path, report: &mut Report) -> Result<(), VerifyError> {
     report.items.extend(stale.items);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_classified_by_kind_and_damage_is_named() {
+        let dir = std::env::temp_dir().join(format!("eio-verify-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let sweep = dir.join("runs").join("a");
+        fs::create_dir_all(&sweep).unwrap();
+        fs::write(
+            dir.join("sweep.toml"),
+            "name = \"x\"\n[grid]\nseed = [1, 2]\n",
+        )
+        .unwrap();
+        fs::write(sweep.join("result.json"), "{\"accuracy\": 0.5}").unwrap();
+        fs::write(sweep.join("eval.json"), "{\"reports\": [").unwrap();
+        fs::write(sweep.join("eval.csv"), "model,attack\n").unwrap();
+        fs::write(dir.join("figure.svg"), "<svg/>").unwrap();
+        fs::write(
+            dir.join(format!(".sweep.toml.{}.tmp", 1u32 << 30)),
+            "partial",
+        )
+        .unwrap();
+        let run = dir.join("stages").join("s");
+        fs::create_dir_all(&run).unwrap();
+        fs::write(run.join("metrics.jsonl"), "{\"phase\":").unwrap();
+        fs::write(run.join("model.safetensors"), b"not safetensors").unwrap();
+
+        let report = verify(&dir).unwrap();
+        let status = |name: &str| {
+            report
+                .items
+                .iter()
+                .find(|i| i.path.ends_with(name))
+                .map(|i| i.status)
+        };
+        assert_eq!(status("sweep.toml"), Some(Status::Ok));
+        assert_eq!(status("runs/a/result.json"), Some(Status::Ok));
+        assert_eq!(status("runs/a/eval.json"), Some(Status::Corrupt));
+        assert_eq!(status("stages/s"), Some(Status::Corrupt));
+        assert_eq!(status("stages/s/model.safetensors"), Some(Status::Corrupt));
+        assert_eq!(status("stages/s/metrics.jsonl"), Some(Status::Partial));
+        assert_eq!(
+            status(&format!(".sweep.toml.{}.tmp", 1u32 << 30)),
+            Some(Status::Stale)
+        );
+        assert_eq!(report.unchecked, 2, "eval.csv and figure.svg");
+        assert!(report.has_corrupt());
+        let text = report.render();
+        assert!(
+            text.contains("CORRUPT") && text.contains("eval.json"),
+            "{text}"
+        );
+
+        // One file: its own verdict.
+        let one = verify(&dir.join("sweep.toml")).unwrap();
+        assert_eq!(one.items.len(), 1);
+        assert!(!one.has_corrupt());
+        assert!(verify(&dir.join("absent")).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
