@@ -191,10 +191,11 @@ pub struct CheckpointMeta {
     pub dtype: String,
     /// Whether momentum buffers are stored.
     pub optimiser: bool,
-    /// The `metrics.jsonl` record of the last finished epoch, so a resumed run can restore a
-    /// record lost from the file (a torn last line); absent in checkpoints of older eio.
+    /// The `metrics.jsonl` line (JSON of a [`crate::train::EpochRecord`], without the newline)
+    /// of the last finished epoch, so a resumed run can restore a record lost from the file (a
+    /// torn last line) byte for byte; absent in checkpoints of older eio.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_record: Option<crate::train::EpochRecord>,
+    pub last_record: Option<String>,
 }
 
 /// A checkpoint in memory: metadata, the member states and their optimisers.

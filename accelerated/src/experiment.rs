@@ -145,12 +145,13 @@ impl RunDir {
     /// atomically when anything changed. Returns what was repaired, one sentence each.
     ///
     /// # Errors
-    /// An unreadable file, or a line before the last that is not a metrics record (damage that
-    /// no re-run can restore: the error names the file and line), or a write error.
+    /// An unreadable file, or (resuming past epoch 0) a line before the last that is not a
+    /// metrics record (damage that no re-run can restore: the error names the file and line),
+    /// or a write error.
     pub fn repair_metrics(
         &self,
         global_epoch: usize,
-        last: Option<&EpochRecord>,
+        last: Option<&str>,
     ) -> Result<Vec<String>, ExperimentError> {
         let path = self.metrics();
         let bytes = match fs::read(&path) {
@@ -159,13 +160,21 @@ impl RunDir {
             Err(source) => return Err(ExperimentError::Write { path, source }),
         };
         let check = check_metrics(&bytes);
-        if let Some((line, message)) = check.corrupt.first() {
+        // At epoch 0 (a fresh start) nothing is kept, so damage costs nothing.
+        if let Some((line, message)) = check.corrupt.first().filter(|_| global_epoch > 0) {
             return Err(ExperimentError::Usage(format!(
                 "{}: line {line} is not a metrics record ({message}); the file was damaged after writing: fix or delete that line, then resume",
                 path.display()
             )));
         }
         let mut notes = Vec::new();
+        if !check.corrupt.is_empty() {
+            notes.push(format!(
+                "{}: discarded {} unreadable line(s) (the run starts afresh)",
+                path.display(),
+                check.corrupt.len()
+            ));
+        }
         if let Some(torn) = check.torn {
             notes.push(format!(
                 "{}: removed a torn last line ({torn} bytes, cut off mid-write)",
@@ -185,12 +194,14 @@ impl RunDir {
                 kept.push('\n');
             }
         }
-        if let Some(r) = last.filter(|r| r.global_epoch + 1 == global_epoch) {
+        let last = last.and_then(|line| {
+            serde_json::from_str::<EpochRecord>(line)
+                .ok()
+                .map(|r| (line, r))
+        });
+        if let Some((line, r)) = last.filter(|(_, r)| r.global_epoch + 1 == global_epoch) {
             if !seen.contains(&r.global_epoch) {
-                let line = serde_json::to_string(r).map_err(|e| {
-                    ExperimentError::Usage(format!("cannot serialise metrics: {e}"))
-                })?;
-                kept.push_str(&line);
+                kept.push_str(line);
                 kept.push('\n');
                 notes.push(format!(
                     "{}: restored the record of epoch {} from the checkpoint",
@@ -317,7 +328,7 @@ pub fn train_in(
         ));
     }
     dir.write_config(&checkpoint.meta.config)?;
-    let last = checkpoint.meta.last_record.as_ref();
+    let last = checkpoint.meta.last_record.as_deref();
     for note in dir.repair_metrics(checkpoint.meta.progress.global_epoch, last)? {
         observer.note(&note);
     }
@@ -1550,4 +1561,85 @@ fn markdown(
         stage_times.join(", "),
         timing.total,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(global_epoch: usize) -> EpochRecord {
+        EpochRecord {
+            phase: Phase::Main,
+            epoch: global_epoch,
+            global_epoch,
+            lr: 0.1,
+            loss: 1.0,
+            train_accuracy: None,
+            distill_loss: None,
+            sign_ties: 0,
+            validation_accuracy: None,
+            test_accuracy: Some(0.5),
+            images: 8,
+            seconds: 0.5,
+            images_per_second: 16.0,
+        }
+    }
+
+    fn line(r: &EpochRecord) -> String {
+        format!("{}\n", serde_json::to_string(r).unwrap())
+    }
+
+    #[test]
+    fn metrics_are_repaired_to_one_record_per_epoch_of_the_checkpoint() {
+        let root = std::env::temp_dir().join(format!("eio-metrics-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dir = RunDir::new(&root);
+        fs::create_dir_all(&root).unwrap();
+        let epochs = |dir: &RunDir| -> Vec<usize> {
+            fs::read_to_string(dir.metrics())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<EpochRecord>(l).unwrap().global_epoch)
+                .collect()
+        };
+
+        // Repeated epoch 0, epoch 2 beyond a checkpoint at 2, a torn tail; epoch 1 restored.
+        let torn = line(&record(3));
+        let text = [line(&record(0)), line(&record(0)), line(&record(2))].concat()
+            + &torn[..torn.len() / 2];
+        fs::write(dir.metrics(), &text).unwrap();
+        let last = serde_json::to_string(&record(1)).unwrap();
+        let notes = dir.repair_metrics(2, Some(&last)).unwrap();
+        assert_eq!(epochs(&dir), [0, 1]);
+        let all = notes.join("\n");
+        for what in [
+            "torn last line",
+            "restored the record of epoch 1",
+            "dropped 1 record",
+            "repeated",
+        ] {
+            assert!(all.contains(what), "{what}: {all}");
+        }
+        assert!(all.contains("metrics.jsonl"), "{all}");
+        // Nothing left to repair: no notes, the file unchanged.
+        let before = fs::read(dir.metrics()).unwrap();
+        assert!(dir.repair_metrics(2, Some(&last)).unwrap().is_empty());
+        assert_eq!(fs::read(dir.metrics()).unwrap(), before);
+
+        // A damaged line before the last is named, not silently dropped, once there is history.
+        let text = [
+            line(&record(0)),
+            "{\"phase\": oops\n".into(),
+            line(&record(1)),
+        ]
+        .concat();
+        fs::write(dir.metrics(), &text).unwrap();
+        let e = dir.repair_metrics(2, None).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl") && e.contains("line 2"), "{e}");
+        // A fresh start keeps nothing, so it discards the damage and says so.
+        let notes = dir.repair_metrics(0, None).unwrap();
+        assert!(notes.join(" ").contains("unreadable"), "{notes:?}");
+        assert_eq!(fs::read_to_string(dir.metrics()).unwrap(), "");
+        let _ = fs::remove_dir_all(&root);
+    }
 }

@@ -697,7 +697,7 @@ pub fn train(
         // previous checkpoint, re-runs this epoch and drops this record on resume (so no record
         // is ever lost, and none is duplicated).
         let flow = observer.epoch(&record)?;
-        checkpoint.meta.last_record = Some(record);
+        checkpoint.meta.last_record = serde_json::to_string(&record).ok();
         persist.save(checkpoint)?;
         if checkpoint.meta.progress.phase != Phase::Done
             && (flow == Flow::Stop || interrupt.load(Ordering::SeqCst))
