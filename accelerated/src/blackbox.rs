@@ -15,9 +15,11 @@
 //!   with metadata `eio-blackbox-job` ([`JobMeta`]): the job, the attack settings, the
 //!   surrogate (name and hash), the seed and stream, the batch size and the wall time.
 //!
-//! Every file is written atomically (temporary file, fsync, rename), so a killed generation
-//! leaves whole jobs only; rerunning the same command skips every job whose file is present and
-//! matches, and redoes the rest.
+//! Every file is written atomically ([`crate::safe_write`]: temporary file, fsync, rename) and
+//! the safetensors files carry a checksum ([`crate::integrity`]), so a killed generation leaves
+//! whole jobs only; rerunning the same command removes the killed writer's temporary files,
+//! skips every job whose file is present, intact and matches, and redoes the rest (a damaged
+//! job file, one that fails its checksum, is redone).
 
 use std::collections::HashMap;
 use std::fs;
@@ -258,10 +260,22 @@ fn serialize(
     tensors: Vec<(&str, TensorView<'_>)>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>, BlackboxError> {
-    safetensors::serialize(tensors, metadata).map_err(|e| BlackboxError::Invalid {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    crate::integrity::serialize_sealed(tensors, metadata.unwrap_or_default()).map_err(|e| {
+        BlackboxError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
     })
+}
+
+/// Checks the checksum of a suite file ([`crate::integrity`]; files without one pass).
+fn check_sealed(path: &FsPath, bytes: &[u8]) -> Result<(), BlackboxError> {
+    crate::integrity::check(bytes)
+        .map(|_| ())
+        .map_err(|e| BlackboxError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
 }
 
 fn read_f32(
@@ -317,6 +331,10 @@ pub trait GenerateProgress {
     fn job(&mut self, job: &Job, done: usize, total: usize, skipped: bool);
     /// The job finished in `seconds`.
     fn finished(&mut self, job: &Job, seconds: f64);
+    /// Something the user should know (a repair of the folder); printed to stderr by default.
+    fn note(&mut self, message: &str) {
+        eprintln!("{message}");
+    }
 }
 
 /// Generates the jobs of `shard` of the suite in `dir` from `surrogates` on `images`, with the
@@ -365,6 +383,30 @@ pub fn generate(
         path: dir.to_path_buf(),
         source,
     })?;
+    // Temporary files of a generation killed mid-write (the suite folder and its eps_ folders).
+    let mut folders: Vec<PathBuf> = vec![dir.to_path_buf()];
+    for job in &jobs {
+        if let Some(parent) = dir.join(job.file()).parent() {
+            if !folders.iter().any(|f| f == parent) {
+                folders.push(parent.to_path_buf());
+            }
+        }
+    }
+    let mut stale = 0;
+    for folder in &folders {
+        stale += crate::safe_write::remove_stale_temporaries(folder).map_err(|source| {
+            BlackboxError::Write {
+                path: folder.clone(),
+                source,
+            }
+        })?;
+    }
+    if stale > 0 {
+        progress.note(&format!(
+            "{}: removed {stale} temporary file(s) left by a killed generation",
+            dir.display()
+        ));
+    }
     write_or_check_manifest(dir, &manifest)?;
     write_or_check_clean(dir, &images.images, &manifest.images_sha256)?;
     let mine: Vec<&Job> = jobs.iter().filter(|j| shard.contains(j)).collect();
@@ -547,6 +589,7 @@ fn read_clean(dir: &FsPath) -> Result<Images, BlackboxError> {
         path: path.clone(),
         message,
     };
+    check_sealed(&path, &bytes)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
     let (shape, pixels) = read_f32(&path, &st, "images")?;
     let labels = st
@@ -585,6 +628,7 @@ fn read_job(path: &FsPath) -> Result<(JobMeta, Vec<usize>, Vec<f32>), BlackboxEr
         path: path.to_path_buf(),
         message,
     };
+    check_sealed(path, &bytes)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
     let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
     let text = metadata
@@ -651,6 +695,30 @@ impl Suite {
                 .filter(|f| !self.dir.join(f).exists())
                 .collect(),
         }
+    }
+
+    /// Checks the file of `job`: `Ok(false)` when it is missing, `Ok(true)` when it is intact
+    /// (its checksum, when it has one) and holds that job for this suite's images.
+    ///
+    /// # Errors
+    /// A damaged file, or one holding another job or shape (named).
+    pub fn check_job(&self, job: &Job) -> Result<bool, BlackboxError> {
+        let path = self.dir.join(job.file());
+        if !path.exists() {
+            return Ok(false);
+        }
+        let (meta, shape, _) = read_job(&path)?;
+        let s = &self.clean.shape;
+        if meta.job != *job || shape != [self.clean.len(), s.channels, s.height, s.width] {
+            return Err(BlackboxError::Invalid {
+                path,
+                message: format!(
+                    "does not hold job {} of the manifest (shape {shape:?})",
+                    job.version.name
+                ),
+            });
+        }
+        Ok(true)
     }
 
     /// The suite's versions (names, in order).

@@ -14,16 +14,19 @@
 //!   [`CheckpointMeta`]: format version, the resolved config, what the model is (RGN or a
 //!   derived path), and the [`Progress`] of training, which is also the position of every random
 //!   stream (each stream of `eio_spec::rng` is indexed by epoch or global iteration, so the
-//!   progress counters are exactly where each stream continues).
+//!   progress counters are exactly where each stream continues). A second entry, `eio.sha256`,
+//!   is the checksum of the tensors and the `eio` entry ([`crate::integrity`]), verified on
+//!   every load: a flipped bit is [`CheckpointError::Checksum`] naming the file. Files written
+//!   before the checksum existed (no `eio.sha256`) still load, unverified.
 //!
 //! # Atomicity
-//! [`Checkpoint::save`] writes a temporary file beside the target, fsyncs it, renames it over
-//! the target and fsyncs the folder: a run killed at any instant leaves either the old or the
-//! new checkpoint, never a torn one.
+//! [`Checkpoint::save`] goes through [`crate::safe_write::write_atomically`]: a temporary file
+//! beside the target, fsynced, renamed over the target, the folder fsynced. A run killed at any
+//! instant leaves either the old or the new checkpoint, never a torn one; a failed write (disk
+//! full) leaves the old one and no temporary file.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path as FsPath, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -59,6 +62,12 @@ pub enum CheckpointError {
         path: PathBuf,
         #[source]
         source: safetensors::SafeTensorError,
+    },
+    #[error("{path} failed its checksum verification")]
+    Checksum {
+        path: PathBuf,
+        #[source]
+        source: crate::integrity::IntegrityError,
     },
     #[error("{path} has no eio metadata: it is not an eio checkpoint (import PyTorch files with `eio import`)")]
     NoMetadata { path: PathBuf },
@@ -182,6 +191,11 @@ pub struct CheckpointMeta {
     pub dtype: String,
     /// Whether momentum buffers are stored.
     pub optimiser: bool,
+    /// The `metrics.jsonl` line (JSON of a [`crate::train::EpochRecord`], without the newline)
+    /// of the last finished epoch, so a resumed run can restore a record lost from the file (a
+    /// torn last line) byte for byte; absent in checkpoints of older eio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_record: Option<String>,
 }
 
 /// A checkpoint in memory: metadata, the member states and their optimisers.
@@ -289,7 +303,7 @@ impl Checkpoint {
             message: e.to_string(),
         })?;
         let metadata = HashMap::from([("eio".to_string(), meta)]);
-        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|source| {
+        let bytes = crate::integrity::serialize_sealed(views, metadata).map_err(|source| {
             CheckpointError::Corrupt {
                 path: path.to_path_buf(),
                 source,
@@ -298,10 +312,11 @@ impl Checkpoint {
         write_atomically(path, &bytes).map_err(write_err)
     }
 
-    /// Reads a checkpoint onto `device` in `dtype` (`None`: the dtype it was written in).
+    /// Reads a checkpoint onto `device` in `dtype` (`None`: the dtype it was written in),
+    /// verifying its checksum when it has one.
     ///
     /// # Errors
-    /// A missing or truncated file, missing metadata, a missing, unexpected or misshapen
+    /// A missing or truncated file, a checksum mismatch, missing metadata, a missing, unexpected or misshapen
     /// tensor: each named with the file.
     pub fn load(
         path: &FsPath,
@@ -327,6 +342,13 @@ impl Checkpoint {
     ) -> Result<Checkpoint, CheckpointError> {
         let p = || path.to_path_buf();
         let corrupt = |source| CheckpointError::Corrupt { path: p(), source };
+        match crate::integrity::check(bytes) {
+            Ok(_) => {}
+            Err(crate::integrity::IntegrityError::Unreadable(source)) => {
+                return Err(corrupt(source))
+            }
+            Err(source) => return Err(CheckpointError::Checksum { path: p(), source }),
+        }
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(corrupt)?;
         let tensors = SafeTensors::deserialize(bytes).map_err(corrupt)?;
         let text = header
@@ -537,6 +559,7 @@ impl Checkpoint {
                 progress,
                 dtype: dtype_name(dtype).to_string(),
                 optimiser: !optimisers.is_empty(),
+                last_record: None,
             },
             members,
             optimisers,
@@ -734,30 +757,5 @@ fn counter_value(tensors: &SafeTensors<'_>, name: &str) -> i64 {
         .map_or(0, i64::from_le_bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder, fsync and rename.
-///
-/// # Errors
-/// Any I/O error.
-pub fn write_atomically(path: &FsPath, bytes: &[u8]) -> std::io::Result<()> {
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&folder)?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    let tmp = folder.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    // The rename is durable once the folder itself is synced (ignored where unsupported).
-    if let Ok(dir) = File::open(&folder) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
-}
+/// The one safe-write path of eio (kept here so `checkpoint::write_atomically` keeps working).
+pub use crate::safe_write::write_atomically;

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use eio_spec::config::Config;
 use eio_spec::plan::{NodeId, Op};
 use eio_spec::{Path, Plan};
@@ -304,21 +304,14 @@ impl FoldedNetwork {
         Ok(out)
     }
 
-    /// Writes [`FoldedNetwork::tensors`] as safetensors (atomically).
+    /// Writes [`FoldedNetwork::tensors`] as safetensors with their checksum, through
+    /// [`crate::safe_write::write_atomically`].
     ///
     /// # Errors
     /// [`EngineError::Io`] naming the file, or a device error.
     pub fn save(&self, path: &std::path::Path) -> Result<(), EngineError> {
         let tensors = self.tensors()?;
-        let tmp = path.with_extension("safetensors.tmp");
-        let on_cpu: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t)))
-            .collect::<candle_core::Result<_>>()?;
-        candle_core::safetensors::save(&on_cpu, &tmp)?;
-        std::fs::rename(&tmp, path).map_err(|source| EngineError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        let named: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
+        crate::state::write_tensors(path, &named, &[])
     }
 }

@@ -11,9 +11,21 @@
 //! * `folded.safetensors` (derive with `fold_bn`): the deployment network, see
 //!   [`FoldedNetwork`];
 //! * `eval.json` / `eval.csv` (evaluate): [`EvalReport`].
+//!
+//! # What survives which fault
+//! Every file is written by [`crate::safe_write::write_atomically`] (temporary file, fsync,
+//! rename, folder fsync), so a kill at any instant leaves each file old or new, never torn, and
+//! a failed write (disk full, read-only folder) leaves the old version and no temporary file,
+//! with an error naming the file and the OS reason. `metrics.jsonl` is appended by rewriting it
+//! atomically; an epoch's record is written *before* its checkpoint and kept in it
+//! ([`crate::checkpoint::CheckpointMeta::last_record`]), and [`train_in`] first removes stale
+//! temporary files and repairs the file ([`RunDir::repair_metrics`]: a torn last line cut, records
+//! of epochs past the checkpoint dropped, the checkpoint's last record restored), so a resumed
+//! run has exactly one record per epoch and, on the CPU, bit-identical weights. Safetensors
+//! files carry a checksum ([`crate::integrity`]) verified on load; [`crate::verify`] checks a
+//! whole folder tree.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -25,9 +37,10 @@ use eio_spec::Path;
 use serde::Serialize;
 
 use crate::attack::{Member, Target};
-use crate::checkpoint::{write_atomically, Checkpoint, CheckpointError, ModelKind, Phase};
+use crate::checkpoint::{Checkpoint, CheckpointError, ModelKind, Phase};
 use crate::derive::{derive_path, FoldedNetwork};
 use crate::evaluate::{evaluate_images, WhiteBoxReport};
+use crate::safe_write::{append_atomically, remove_stale_temporaries, write_atomically};
 use crate::train::{self, EpochRecord, Flow, Observer, Outcome, TrainError};
 use crate::EngineError;
 use eio_spec::sanity::Flag;
@@ -111,7 +124,9 @@ impl RunDir {
         write_atomically(&path, text.as_bytes()).map_err(Self::write_err(&path))
     }
 
-    /// Appends one JSON line to `metrics.jsonl`.
+    /// Appends one JSON line to `metrics.jsonl`, atomically
+    /// ([`crate::safe_write::append_atomically`]: the file is rewritten whole, so a kill never
+    /// leaves a torn line).
     ///
     /// # Errors
     /// [`ExperimentError::Write`] naming the file.
@@ -119,31 +134,140 @@ impl RunDir {
         let path = self.metrics();
         let line = serde_json::to_string(record)
             .map_err(|e| ExperimentError::Usage(format!("cannot serialise metrics: {e}")))?;
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(Self::write_err(&path))?;
-        writeln!(f, "{line}").map_err(Self::write_err(&path))
+        append_atomically(&path, format!("{line}\n").as_bytes()).map_err(Self::write_err(&path))
     }
 
-    /// Drops metric lines of epochs at or after `global_epoch` (they are re-run on resume).
-    fn truncate_metrics(&self, global_epoch: usize) -> Result<(), ExperimentError> {
+    /// Makes `metrics.jsonl` agree with a checkpoint at `global_epoch` before training
+    /// continues: a torn last line (a kill mid-append by an older eio, a half-copied file) is
+    /// cut off, records of epochs at or after `global_epoch` (re-run from the checkpoint) are
+    /// dropped, as are repeated records of one epoch, and the checkpoint's `last` record (of
+    /// epoch `global_epoch - 1`) is restored when the file lacks it; the file is rewritten
+    /// atomically when anything changed. Returns what was repaired, one sentence each.
+    ///
+    /// # Errors
+    /// An unreadable file, or (resuming past epoch 0) a line before the last that is not a
+    /// metrics record (damage that no re-run can restore: the error names the file and line),
+    /// or a write error.
+    pub fn repair_metrics(
+        &self,
+        global_epoch: usize,
+        last: Option<&str>,
+    ) -> Result<Vec<String>, ExperimentError> {
         let path = self.metrics();
-        let Ok(text) = fs::read_to_string(&path) else {
-            return Ok(());
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(ExperimentError::Write { path, source }),
         };
-        let kept: String = text
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<EpochRecord>(line)
-                    .map(|r| r.global_epoch < global_epoch)
-                    .unwrap_or(false)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        write_atomically(&path, kept.as_bytes()).map_err(Self::write_err(&path))
+        let check = check_metrics(&bytes);
+        // At epoch 0 (a fresh start) nothing is kept, so damage costs nothing.
+        if let Some((line, message)) = check.corrupt.first().filter(|_| global_epoch > 0) {
+            return Err(ExperimentError::Usage(format!(
+                "{}: line {line} is not a metrics record ({message}); the file was damaged after writing: fix or delete that line, then resume",
+                path.display()
+            )));
+        }
+        let mut notes = Vec::new();
+        if !check.corrupt.is_empty() {
+            notes.push(format!(
+                "{}: discarded {} unreadable line(s) (the run starts afresh)",
+                path.display(),
+                check.corrupt.len()
+            ));
+        }
+        if let Some(torn) = check.torn {
+            notes.push(format!(
+                "{}: removed a torn last line ({torn} bytes, cut off mid-write)",
+                path.display()
+            ));
+        }
+        let mut kept = String::new();
+        let (mut later, mut repeated) = (0, 0);
+        let mut seen = std::collections::BTreeSet::new();
+        for (text, record) in &check.records {
+            if record.global_epoch >= global_epoch {
+                later += 1;
+            } else if !seen.insert(record.global_epoch) {
+                repeated += 1;
+            } else {
+                kept.push_str(text);
+                kept.push('\n');
+            }
+        }
+        let last = last.and_then(|line| {
+            serde_json::from_str::<EpochRecord>(line)
+                .ok()
+                .map(|r| (line, r))
+        });
+        if let Some((line, r)) = last.filter(|(_, r)| r.global_epoch + 1 == global_epoch) {
+            if !seen.contains(&r.global_epoch) {
+                kept.push_str(line);
+                kept.push('\n');
+                notes.push(format!(
+                    "{}: restored the record of epoch {} from the checkpoint",
+                    path.display(),
+                    r.global_epoch
+                ));
+            }
+        }
+        if later > 0 {
+            notes.push(format!(
+                "{}: dropped {later} record(s) of epochs the checkpoint has not reached (they are re-run)",
+                path.display()
+            ));
+        }
+        if repeated > 0 {
+            notes.push(format!(
+                "{}: dropped {repeated} repeated record(s) of one epoch",
+                path.display()
+            ));
+        }
+        if kept.as_bytes() != bytes.as_slice() {
+            write_atomically(&path, kept.as_bytes()).map_err(Self::write_err(&path))?;
+        }
+        Ok(notes)
     }
+}
+
+/// What [`check_metrics`] found in the bytes of a `metrics.jsonl`.
+#[derive(Debug, Default)]
+pub struct MetricsCheck {
+    /// Every complete record: its line (without the newline) and its value.
+    pub records: Vec<(String, EpochRecord)>,
+    /// Lines (1-based) ended by a newline that are not records, with the parse error.
+    pub corrupt: Vec<(usize, String)>,
+    /// The byte length of an unterminated last line that is not a record (torn), if any.
+    pub torn: Option<usize>,
+}
+
+/// Parses `metrics.jsonl` bytes line by line (blank lines are ignored; an unterminated last
+/// line that parses is a record).
+pub fn check_metrics(bytes: &[u8]) -> MetricsCheck {
+    let mut out = MetricsCheck::default();
+    let terminated = bytes.ends_with(b"\n");
+    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    if terminated {
+        lines.pop();
+    }
+    let last = lines.len();
+    for (i, line) in lines.into_iter().enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed = std::str::from_utf8(line)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                serde_json::from_str::<EpochRecord>(t)
+                    .map(|r| (t.to_string(), r))
+                    .map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok(record) => out.records.push(record),
+            Err(_) if i + 1 == last && !terminated => out.torn = Some(line.len()),
+            Err(e) => out.corrupt.push((i + 1, e)),
+        }
+    }
+    out
 }
 
 /// An observer that appends `metrics.jsonl` and passes events on to another observer (the
@@ -163,9 +287,23 @@ impl Observer for Recording<'_> {
     fn epoch(&mut self, record: &EpochRecord) -> Result<Flow, TrainError> {
         self.dir
             .append_metrics(record)
-            .map_err(|e| TrainError::Setup(e.to_string()))?;
+            .map_err(|e| TrainError::Setup(format!("{e}: {}", error_chain(&e))))?;
         self.inner.epoch(record)
     }
+    fn note(&mut self, message: &str) {
+        self.inner.note(message);
+    }
+}
+
+/// The causes of an error, joined by ": " (for errors flattened into a message).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
 }
 
 /// Trains `checkpoint` in `dir` until done or interrupted; on completion writes
@@ -182,8 +320,18 @@ pub fn train_in(
     interrupt: &AtomicBool,
 ) -> Result<(Outcome, Checkpoint), ExperimentError> {
     fs::create_dir_all(&dir.root).map_err(RunDir::write_err(&dir.root))?;
+    let stale = remove_stale_temporaries(&dir.root).map_err(RunDir::write_err(&dir.root))?;
+    if stale > 0 {
+        observer.note(&format!(
+            "{}: removed {stale} temporary file(s) left by a killed or failed write",
+            dir.root.display()
+        ));
+    }
     dir.write_config(&checkpoint.meta.config)?;
-    dir.truncate_metrics(checkpoint.meta.progress.global_epoch)?;
+    let last = checkpoint.meta.last_record.as_deref();
+    for note in dir.repair_metrics(checkpoint.meta.progress.global_epoch, last)? {
+        observer.note(&note);
+    }
     let mut persist = dir.checkpoint();
     let mut recording = Recording {
         dir,
@@ -1413,4 +1561,85 @@ fn markdown(
         stage_times.join(", "),
         timing.total,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(global_epoch: usize) -> EpochRecord {
+        EpochRecord {
+            phase: Phase::Main,
+            epoch: global_epoch,
+            global_epoch,
+            lr: 0.1,
+            loss: 1.0,
+            train_accuracy: None,
+            distill_loss: None,
+            sign_ties: 0,
+            validation_accuracy: None,
+            test_accuracy: Some(0.5),
+            images: 8,
+            seconds: 0.5,
+            images_per_second: 16.0,
+        }
+    }
+
+    fn line(r: &EpochRecord) -> String {
+        format!("{}\n", serde_json::to_string(r).unwrap())
+    }
+
+    #[test]
+    fn metrics_are_repaired_to_one_record_per_epoch_of_the_checkpoint() {
+        let root = std::env::temp_dir().join(format!("eio-metrics-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dir = RunDir::new(&root);
+        fs::create_dir_all(&root).unwrap();
+        let epochs = |dir: &RunDir| -> Vec<usize> {
+            fs::read_to_string(dir.metrics())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<EpochRecord>(l).unwrap().global_epoch)
+                .collect()
+        };
+
+        // Repeated epoch 0, epoch 2 beyond a checkpoint at 2, a torn tail; epoch 1 restored.
+        let torn = line(&record(3));
+        let text = [line(&record(0)), line(&record(0)), line(&record(2))].concat()
+            + &torn[..torn.len() / 2];
+        fs::write(dir.metrics(), &text).unwrap();
+        let last = serde_json::to_string(&record(1)).unwrap();
+        let notes = dir.repair_metrics(2, Some(&last)).unwrap();
+        assert_eq!(epochs(&dir), [0, 1]);
+        let all = notes.join("\n");
+        for what in [
+            "torn last line",
+            "restored the record of epoch 1",
+            "dropped 1 record",
+            "repeated",
+        ] {
+            assert!(all.contains(what), "{what}: {all}");
+        }
+        assert!(all.contains("metrics.jsonl"), "{all}");
+        // Nothing left to repair: no notes, the file unchanged.
+        let before = fs::read(dir.metrics()).unwrap();
+        assert!(dir.repair_metrics(2, Some(&last)).unwrap().is_empty());
+        assert_eq!(fs::read(dir.metrics()).unwrap(), before);
+
+        // A damaged line before the last is named, not silently dropped, once there is history.
+        let text = [
+            line(&record(0)),
+            "{\"phase\": oops\n".into(),
+            line(&record(1)),
+        ]
+        .concat();
+        fs::write(dir.metrics(), &text).unwrap();
+        let e = dir.repair_metrics(2, None).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl") && e.contains("line 2"), "{e}");
+        // A fresh start keeps nothing, so it discards the damage and says so.
+        let notes = dir.repair_metrics(0, None).unwrap();
+        assert!(notes.join(" ").contains("unreadable"), "{notes:?}");
+        assert_eq!(fs::read_to_string(dir.metrics()).unwrap(), "");
+        let _ = fs::remove_dir_all(&root);
+    }
 }

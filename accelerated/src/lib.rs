@@ -21,12 +21,14 @@ pub mod ensemble;
 pub mod evaluate;
 pub mod experiment;
 pub mod gal;
+pub mod integrity;
 pub mod method;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod pytorch;
+pub mod safe_write;
 pub mod sanity;
 pub mod second_order;
 pub mod state;
@@ -34,6 +36,7 @@ pub mod sweep;
 pub mod train;
 pub mod transfer_matrix;
 pub mod trs;
+pub mod verify;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,8 @@ use std::sync::Once;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::checkpoint::write_atomically;
 use crate::experiment::{ExperimentError, RunDir};
+use crate::safe_write::write_atomically;
 use crate::sweep::{RunResult, Sweep};
 use eio_spec::figure::{Panel, PanelKind, PanelProtocol};
 

@@ -105,22 +105,17 @@ impl ModelState {
             .unwrap_or_else(|| panic!("model state has no tensor {name:?}"))
     }
 
-    /// Writes the state as safetensors (f32 or f64 as held, counters int64), atomically: to a
-    /// temporary file, then renamed over `path`.
+    /// Writes the state as safetensors (f32 or f64 as held, counters int64) with its checksum
+    /// ([`crate::integrity`]), through [`crate::safe_write::write_atomically`].
     ///
     /// # Errors
     /// [`EngineError::Io`] naming the path, or a device error.
     pub fn save(&self, path: &FsPath) -> Result<(), EngineError> {
-        let mut all: HashMap<String, Tensor> = self.tensors.clone().into_iter().collect();
-        for (name, &c) in &self.counters {
-            all.insert(name.clone(), Tensor::new(c, &Device::Cpu)?);
-        }
-        let tmp = path.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&all, &tmp)?;
-        std::fs::rename(&tmp, path).map_err(|source| EngineError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        let tensors: Vec<(String, &Tensor)> =
+            self.tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let counters: Vec<(String, i64)> =
+            self.counters.iter().map(|(n, &c)| (n.clone(), c)).collect();
+        write_tensors(path, &tensors, &counters)
     }
 
     /// Reads a safetensors state for `plan` (written by either engine) onto `device`.
@@ -166,4 +161,61 @@ impl ModelState {
         state.counters = counters;
         Ok(state)
     }
+}
+
+/// Writes `tensors` (f64 as f64, every other float as f32) and int64 `counters` as one
+/// safetensors file with its checksum ([`crate::integrity`]), through
+/// [`crate::safe_write::write_atomically`].
+///
+/// # Errors
+/// [`EngineError::Io`] naming the file, or a device error.
+pub(crate) fn write_tensors(
+    path: &FsPath,
+    tensors: &[(String, &Tensor)],
+    counters: &[(String, i64)],
+) -> Result<(), EngineError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut buffers: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in tensors {
+        let flat = t.flatten_all()?;
+        let (dtype, bytes) = match t.dtype() {
+            DType::F64 => (
+                Dtype::F64,
+                flat.to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            _ => (
+                Dtype::F32,
+                flat.to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+        };
+        buffers.push((name, dtype, t.dims().to_vec(), bytes));
+    }
+    for (name, c) in counters {
+        buffers.push((name, Dtype::I64, vec![], c.to_le_bytes().to_vec()));
+    }
+    let io = |message: String| EngineError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(message),
+    };
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (*name, v))
+                .map_err(|e| io(format!("tensor {name:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes =
+        crate::integrity::serialize_sealed(views, HashMap::new()).map_err(|e| io(e.to_string()))?;
+    crate::safe_write::write_atomically(path, &bytes).map_err(|source| EngineError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }

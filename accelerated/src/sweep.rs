@@ -30,12 +30,13 @@ use eio_spec::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{write_atomically, Checkpoint, Phase};
+use crate::checkpoint::{Checkpoint, Phase};
 use crate::experiment::{
     clean_report, dverge_start, eval_images, evaluate, finished_or_train, plans_and_paths,
     suite_images, suite_report, target, train_surrogates, Deployment, EvalReport, Evaluated,
     ExperimentError, PipelineDisplay, RunDir, DERIVE_GATES,
 };
+use crate::safe_write::{remove_stale_temporaries, write_atomically};
 use crate::train::{self, EpochRecord};
 
 /// `sweep.toml`: the sweep a folder holds.
@@ -139,6 +140,7 @@ impl Sweep {
         fs::create_dir_all(dir.join("stages")).map_err(RunDir::write_err(dir))?;
         fs::create_dir_all(dir.join("runs")).map_err(RunDir::write_err(dir))?;
         let _guard = lock(&dir.join("sweep.lock"), true)?;
+        remove_stale_temporaries(dir).map_err(RunDir::write_err(dir))?;
         if let Ok(stored) = fs::read_to_string(&path) {
             let same = toml::from_str::<SweepRecord>(&stored)
                 .map(|s| s == self.record)
@@ -431,6 +433,8 @@ pub fn run_shard(
             summary.skipped.push(run.id.clone());
             continue;
         }
+        // Temporary files of a writer killed in this run's folder.
+        remove_stale_temporaries(&run_dir).map_err(RunDir::write_err(&run_dir))?;
         if loaded.is_none() {
             loaded = Some(data()?);
         }

@@ -117,7 +117,7 @@ pub struct BatchEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     Continue,
-    /// Stop as if interrupted (the checkpoint is already written).
+    /// Stop as if interrupted (the epoch's checkpoint is written before training returns).
     Stop,
 }
 
@@ -126,11 +126,19 @@ pub trait Observer {
     /// A phase starts or resumes at `epoch` of `epochs`, `batches` per epoch.
     fn phase(&mut self, phase: Phase, epoch: usize, epochs: usize, batches: usize);
     fn batch(&mut self, event: &BatchEvent);
-    /// After the epoch's checkpoint is written.
+    /// An epoch finished; its checkpoint is written right after this returns (so a record
+    /// appended here is never lost to a kill: resuming re-runs the epoch from the previous
+    /// checkpoint, and `experiment::train_in` drops records of epochs not in the checkpoint).
     ///
     /// # Errors
-    /// The observer's own failure (e.g. cannot append metrics), which ends the run.
+    /// The observer's own failure (e.g. cannot append metrics), which ends the run before the
+    /// epoch's checkpoint is written.
     fn epoch(&mut self, record: &EpochRecord) -> Result<Flow, TrainError>;
+    /// Something the user should know (a repair of the run folder); printed to stderr by
+    /// default.
+    fn note(&mut self, message: &str) {
+        eprintln!("{message}");
+    }
 }
 
 /// How a call to [`train`] ended.
@@ -685,8 +693,12 @@ pub fn train(
             next.phase = next_phase(&config, phase);
             next.epoch = 0;
         }
-        persist.save(checkpoint)?;
+        // The record first, then the checkpoint: a run killed in between resumes from the
+        // previous checkpoint, re-runs this epoch and drops this record on resume (so no record
+        // is ever lost, and none is duplicated).
         let flow = observer.epoch(&record)?;
+        checkpoint.meta.last_record = serde_json::to_string(&record).ok();
+        persist.save(checkpoint)?;
         if checkpoint.meta.progress.phase != Phase::Done
             && (flow == Flow::Stop || interrupt.load(Ordering::SeqCst))
         {

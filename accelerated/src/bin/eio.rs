@@ -56,6 +56,8 @@ enum Command {
     Sweep(SweepArgs),
     /// Draw a sweep folder's finished runs: SVG and PNG panels, figure.md, CSV.
     Plot(PlotArgs),
+    /// Check a file or a folder tree (runs, suites, sweeps): what is complete, partial, corrupt.
+    Verify(VerifyArgs),
 }
 
 #[derive(Args)]
@@ -92,6 +94,12 @@ struct PlotArgs {
     /// Where the plots, figure.md and CSV files go (default: DIR).
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// A file (checkpoint, model, metrics.jsonl, eval.json, ...) or a folder, walked recursively.
+    path: PathBuf,
 }
 
 #[derive(Args)]
@@ -404,6 +412,7 @@ fn run(cli: Cli) -> Result<std::process::ExitCode> {
         },
         Command::Sweep(a) => sweep_cmd(a, &interrupt)?,
         Command::Plot(a) => plot_cmd(a)?,
+        Command::Verify(a) => return verify_cmd(a),
     };
     Ok(if finished {
         std::process::ExitCode::SUCCESS
@@ -1267,6 +1276,17 @@ fn generate_cmd(a: GenerateArgs, interrupt: &AtomicBool) -> Result<bool> {
         }
     );
     Ok(!summary.interrupted)
+}
+
+/// Prints the report of `eio_accelerated::verify`; exits 1 when anything is corrupt.
+fn verify_cmd(a: VerifyArgs) -> Result<std::process::ExitCode> {
+    let report = eio_accelerated::verify::verify(&a.path)?;
+    print!("{}", report.render());
+    Ok(if report.has_corrupt() {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
 }
 
 fn status_cmd(a: StatusArgs) -> Result<bool> {
