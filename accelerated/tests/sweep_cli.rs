@@ -133,6 +133,27 @@ runs = ["a", "b"]"#,
         "{stages:?}"
     );
 
+    // `eio verify` reads the sweep folder: every stage complete, nothing corrupt; a flipped
+    // byte of the shared RGN is named.
+    let verified = eio().arg("verify").arg(&sharded).output().unwrap();
+    let report = ok(&verified);
+    assert!(report.contains(" 0 partial, 0 corrupt"), "{report}");
+    let rgn = stages.iter().find(|n| n.starts_with("eio-")).unwrap();
+    let model = sharded.join("stages").join(rgn).join("model.safetensors");
+    let pristine = std::fs::read(&model).unwrap();
+    let mut bytes = pristine.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&model, bytes).unwrap();
+    let damaged = eio().arg("verify").arg(&sharded).output().unwrap();
+    assert!(!damaged.status.success());
+    let stdout = String::from_utf8_lossy(&damaged.stdout);
+    assert!(
+        stdout.contains("corrupt") && stdout.contains(rgn.as_str()),
+        "{stdout}"
+    );
+    std::fs::write(&model, pristine).unwrap();
+
     ok(&plot(&sharded));
     ok(&plot(&whole));
     for file in ["results.csv", "curves.csv"] {
