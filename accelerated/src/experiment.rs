@@ -1013,6 +1013,40 @@ pub trait PipelineDisplay {
     fn eval_progress(&mut self, attack: &str, batch: usize, batches: usize);
 }
 
+/// Generates (or finishes) the whole black-box suite of `config.blackbox` in `suite_dir` from
+/// the trained surrogates `surrogate_files` (name, model file; [`train_surrogates`]), on the
+/// images of [`suite_images`], showing progress on `display`.
+///
+/// # Errors
+/// A surrogate that does not load, or a generation error.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_suite(
+    config: &Config,
+    surrogate_files: &[(String, PathBuf)],
+    suite_dir: &FsPath,
+    data: &DataSplits,
+    device: &Device,
+    dtype: DType,
+    display: &mut dyn PipelineDisplay,
+    interrupt: &AtomicBool,
+) -> Result<crate::blackbox::GenerateSummary, ExperimentError> {
+    let surrogates = surrogate_files
+        .iter()
+        .map(|(name, file)| crate::blackbox::Surrogate::load(name, file, device, dtype))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::blackbox::generate(
+        suite_dir,
+        config,
+        &surrogates,
+        &suite_images(config, data),
+        eio_spec::blackbox::Shard::ALL,
+        device,
+        dtype,
+        &mut SuiteProgress(display),
+        interrupt,
+    )?)
+}
+
 struct SuiteProgress<'a>(&'a mut dyn PipelineDisplay);
 
 impl crate::blackbox::GenerateProgress for SuiteProgress<'_> {
@@ -1217,19 +1251,14 @@ pub fn run_pipeline(
         &format!("black-box transfer suite -> {}", suite_dir.display()),
     );
     let t = std::time::Instant::now();
-    let surrogates = surrogate_files
-        .iter()
-        .map(|(name, file)| crate::blackbox::Surrogate::load(name, file, device, dtype))
-        .collect::<Result<Vec<_>, _>>()?;
-    let generated = crate::blackbox::generate(
-        &suite_dir,
+    let generated = generate_suite(
         config,
-        &surrogates,
-        &suite_images(config, data),
-        eio_spec::blackbox::Shard::ALL,
+        &surrogate_files,
+        &suite_dir,
+        data,
         device,
         dtype,
-        &mut SuiteProgress(display),
+        display,
         interrupt,
     )?;
     if generated.interrupted {

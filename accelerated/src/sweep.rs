@@ -32,8 +32,8 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{Checkpoint, Phase};
 use crate::experiment::{
-    clean_report, dverge_start, eval_images, evaluate, finished_or_train, plans_and_paths,
-    suite_images, suite_report, target, train_surrogates, Deployment, EvalReport, Evaluated,
+    clean_report, dverge_start, eval_images, evaluate, finished_or_train, generate_suite,
+    plans_and_paths, suite_report, target, train_surrogates, Deployment, EvalReport, Evaluated,
     ExperimentError, PipelineDisplay, RunDir, DERIVE_GATES,
 };
 use crate::safe_write::{remove_stale_temporaries, write_atomically};
@@ -714,20 +714,8 @@ fn build_suite(
         else {
             return Ok(None);
         };
-        let surrogates = files
-            .iter()
-            .map(|(n, f)| crate::blackbox::Surrogate::load(n, f, device, dtype))
-            .collect::<Result<Vec<_>, _>>()?;
-        let generated = crate::blackbox::generate(
-            &suite_dir,
-            base,
-            &surrogates,
-            &suite_images(base, data),
-            eio_spec::blackbox::Shard::ALL,
-            device,
-            dtype,
-            &mut SuiteProgress(display),
-            interrupt,
+        let generated = generate_suite(
+            base, &files, &suite_dir, data, device, dtype, display, interrupt,
         )?;
         if generated.interrupted {
             return Ok(None);
@@ -737,19 +725,6 @@ fn build_suite(
             .map_err(RunDir::write_err(&marker))?;
     }
     Ok(Some(crate::blackbox::Suite::open(&suite_dir)?))
-}
-
-struct SuiteProgress<'a>(&'a mut dyn PipelineDisplay);
-
-impl crate::blackbox::GenerateProgress for SuiteProgress<'_> {
-    fn job(&mut self, job: &eio_spec::blackbox::Job, done: usize, total: usize, _skipped: bool) {
-        self.0.eval_progress(
-            &format!("suite: {} eps {}", job.version.name, job.eps),
-            done + 1,
-            total,
-        );
-    }
-    fn finished(&mut self, _job: &eio_spec::blackbox::Job, _seconds: f64) {}
 }
 
 /// Training cost per phase and the accuracy curve of `stages`, from their `metrics.jsonl`.
