@@ -253,7 +253,7 @@ fn panel_series(panel: &Panel, runs: &[&RunResult]) -> (Vec<Series>, String, Str
                     points: vec![(i as f64, training_seconds(r))],
                 })
                 .collect(),
-            "method".into(),
+            "run".into(),
             "training time (s)".into(),
         ),
     }

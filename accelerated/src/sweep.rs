@@ -4,7 +4,8 @@
 //!
 //! # A sweep folder
 //! * `sweep.toml`: what is swept ([`SweepRecord`]: the figure definition, scale and extra
-//!   settings); a second task or a restart must ask for the same sweep;
+//!   settings); a second task or a restart must ask for the same runs (a changed title or panel
+//!   is taken over, for `eio plot`);
 //! * `stages/<kind>-<hash>/`: one trained model each, an ordinary run folder (`config.toml`,
 //!   `checkpoint.safetensors`, `model.safetensors`, `metrics.jsonl`), named by a hash of its
 //!   config, so runs with the same training share it (Fig. 8's eight paths share one RGN;
@@ -52,6 +53,18 @@ pub struct SweepRecord {
     /// file's relative `base` is resolved once, here).
     pub base: Config,
     pub figure: Figure,
+}
+
+impl SweepRecord {
+    /// Whether `other` asks for the same runs, judged the same way (it may draw them
+    /// differently: title, caption, panels).
+    fn same_runs(&self, other: &SweepRecord) -> bool {
+        self.scale == other.scale
+            && self.set == other.set
+            && self.base == other.base
+            && self.figure.runs == other.figure.runs
+            && self.figure.evaluate == other.figure.evaluate
+    }
 }
 
 /// A sweep: a figure at one scale with extra settings, resolved.
@@ -142,16 +155,18 @@ impl Sweep {
         let _guard = lock(&dir.join("sweep.lock"), true)?;
         remove_stale_temporaries(dir).map_err(RunDir::write_err(dir))?;
         if let Ok(stored) = fs::read_to_string(&path) {
-            let same = toml::from_str::<SweepRecord>(&stored)
-                .map(|s| s == self.record)
-                .unwrap_or(false);
-            if !same {
-                return Err(ExperimentError::Usage(format!(
-                    "{} holds another sweep (its sweep.toml differs: figure, scale or --set); choose another --out",
-                    dir.display()
-                )));
+            let stored = toml::from_str::<SweepRecord>(&stored).ok();
+            match stored {
+                Some(s) if s == self.record => return Ok(()),
+                // Only how the figure is drawn changed (titles, panels): keep the runs.
+                Some(s) if s.same_runs(&self.record) => {}
+                _ => {
+                    return Err(ExperimentError::Usage(format!(
+                        "{} holds another sweep (its sweep.toml differs in its runs, evaluation, scale or --set); choose another --out",
+                        dir.display()
+                    )))
+                }
             }
-            return Ok(());
         }
         write_atomically(&path, text.as_bytes()).map_err(RunDir::write_err(&path))
     }

@@ -258,6 +258,17 @@ runs = ["base", "eio"]"#,
         );
     }
 
+    // A figure drawn differently (a panel's title) takes over the folder's runs.
+    let redrawn = std::fs::read_to_string(&figure).unwrap().replace(
+        "title = \"curves\"",
+        "title = \"accuracy through training\"",
+    );
+    std::fs::write(&figure, redrawn).unwrap();
+    let printed = ok(&sweep(&figure, &killed, &[]).output().unwrap());
+    assert!(printed.contains("already finished: base, eio"), "{printed}");
+    ok(&plot(&killed));
+    assert!(read(&killed.join("figure.md")).contains("## accuracy through training"));
+
     // The folder holds this sweep: another one is refused, naming the folder.
     let other = sweep(&figure, &killed, &["--set", "seed=4"])
         .output()
