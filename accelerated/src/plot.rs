@@ -326,6 +326,7 @@ fn draw<DB: DrawingBackend>(
     let mut mesh = chart.configure_mesh();
     mesh.x_desc(x_label)
         .y_desc(y_label)
+        .max_light_lines(1)
         .label_style(("sans-serif", 13));
     let formatter = |x: &f64| {
         let i = x.round();
