@@ -62,7 +62,7 @@ enum Command {
 
 #[derive(Args)]
 struct SweepArgs {
-    /// A shipped figure (fig3, fig4, fig5, fig6, fig7, fig8) or a figure file (.toml).
+    /// A shipped figure (fig3, fig4, fig4-vgg16, fig5, fig6, fig7, fig8) or a figure file (.toml).
     figure: String,
     /// The figure's scale: cpu (each figure about 90 minutes on 2 cores, reduced as its note
     /// says) or paper (the paper's settings, for GPUs).
@@ -81,6 +81,7 @@ struct SweepArgs {
     /// of SLURM_ARRAY_TASK_COUNT when set (`sbatch --array=0-N-1`), else every run.
     #[arg(long, value_name = "I", requires = "tasks")]
     task: Option<usize>,
+    /// The number of tasks the runs are split over (with --task).
     #[arg(long, value_name = "N", requires = "task")]
     tasks: Option<usize>,
     #[command(flatten)]
