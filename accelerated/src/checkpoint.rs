@@ -699,10 +699,14 @@ pub fn config_differences(stored: &Config, requested: &Config) -> Vec<String> {
     out
 }
 
-fn host_tensor(
+/// `t` as safetensors bytes under `name`: f64 as f64, every other float as f32 (little-endian).
+///
+/// # Errors
+/// A device error.
+pub(crate) fn host_tensor(
     name: String,
     t: &Tensor,
-) -> Result<(String, Dtype, Vec<usize>, Vec<u8>), CheckpointError> {
+) -> candle_core::Result<(String, Dtype, Vec<usize>, Vec<u8>)> {
     let shape = t.dims().to_vec();
     let flat = t.flatten_all()?;
     let (dtype, bytes) = match t.dtype() {

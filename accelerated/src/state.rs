@@ -175,30 +175,12 @@ pub(crate) fn write_tensors(
     counters: &[(String, i64)],
 ) -> Result<(), EngineError> {
     use safetensors::tensor::{Dtype, TensorView};
-    let mut buffers: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, t) in tensors {
-        let flat = t.flatten_all()?;
-        let (dtype, bytes) = match t.dtype() {
-            DType::F64 => (
-                Dtype::F64,
-                flat.to_vec1::<f64>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            _ => (
-                Dtype::F32,
-                flat.to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-        };
-        buffers.push((name, dtype, t.dims().to_vec(), bytes));
-    }
+    let mut buffers = tensors
+        .iter()
+        .map(|(name, t)| crate::checkpoint::host_tensor(name.clone(), t))
+        .collect::<Result<Vec<_>, _>>()?;
     for (name, c) in counters {
-        buffers.push((name, Dtype::I64, vec![], c.to_le_bytes().to_vec()));
+        buffers.push((name.clone(), Dtype::I64, vec![], c.to_le_bytes().to_vec()));
     }
     let io = |message: String| EngineError::Io {
         path: path.display().to_string(),
@@ -208,7 +190,7 @@ pub(crate) fn write_tensors(
         .iter()
         .map(|(name, dtype, shape, bytes)| {
             TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (*name, v))
+                .map(|v| (name.as_str(), v))
                 .map_err(|e| io(format!("tensor {name:?}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;

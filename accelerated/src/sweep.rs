@@ -56,6 +56,15 @@ pub struct SweepRecord {
 }
 
 impl SweepRecord {
+    /// The figure as a source whose base is already resolved (no file is read again).
+    fn source(&self) -> Source {
+        Source {
+            figure: self.figure.clone(),
+            origin: self.origin.clone(),
+            folder: None,
+        }
+    }
+
     /// Whether `other` asks for the same runs, judged the same way (it may draw them
     /// differently: title, caption, panels).
     fn same_runs(&self, other: &SweepRecord) -> bool {
@@ -73,6 +82,8 @@ pub struct Sweep {
     pub record: SweepRecord,
     /// Each run's training config, in the figure's order.
     pub configs: Vec<Config>,
+    /// Each run's stages, in build order.
+    stages: Vec<Vec<Stage>>,
 }
 
 impl Sweep {
@@ -99,11 +110,7 @@ impl Sweep {
     /// # Errors
     /// A run whose config does not load, or that changes `[data]`.
     pub fn from_record(record: SweepRecord) -> Result<Sweep, ExperimentError> {
-        let source = Source {
-            figure: record.figure.clone(),
-            origin: record.origin.clone(),
-            folder: None,
-        };
+        let source = record.source();
         let mut configs = Vec::with_capacity(record.figure.runs.len());
         for run in &record.figure.runs {
             let c = source
@@ -117,7 +124,18 @@ impl Sweep {
             }
             configs.push(c);
         }
-        Ok(Sweep { record, configs })
+        let stages = record
+            .figure
+            .runs
+            .iter()
+            .zip(&configs)
+            .map(|(run, c)| plan_stages(&record, run, c))
+            .collect::<Result<_, _>>()?;
+        Ok(Sweep {
+            record,
+            configs,
+            stages,
+        })
     }
 
     /// Reads `DIR/sweep.toml`.
@@ -172,65 +190,8 @@ impl Sweep {
     }
 
     /// The stages run `i` needs, in build order.
-    pub fn stages(&self, i: usize) -> Vec<Stage> {
-        let run = &self.runs()[i];
-        let config = &self.configs[i];
-        let mut out = Vec::new();
-        match run.method {
-            RunMethod::Eio => {
-                let rgn = Stage::new(StageKind::Train, "eio", config.clone(), "");
-                let path = derive_draw(config, run.path);
-                let derived = Stage::new(
-                    StageKind::Derive {
-                        rgn: rgn.name.clone(),
-                        path: path.map(|p| p.to_string()).unwrap_or_default(),
-                    },
-                    "derived",
-                    crate::derive::derived_config(config),
-                    &rgn.name,
-                );
-                out.push(rgn);
-                out.push(derived);
-            }
-            RunMethod::Baseline => {
-                out.push(Stage::new(StageKind::Train, "baseline", config.clone(), ""))
-            }
-            RunMethod::Rival => {
-                let mut start = None;
-                if config.train.method == Method::Dverge && config.dverge.init_from.is_empty() {
-                    let base_run = RunSpec {
-                        id: format!("{}-start", run.id),
-                        label: String::new(),
-                        method: RunMethod::Baseline,
-                        set: Vec::new(),
-                        preset: None,
-                        members: Some(config.train.ensemble_size),
-                        path: 0,
-                        member: None,
-                    };
-                    let source = Source {
-                        figure: self.record.figure.clone(),
-                        origin: self.record.origin.clone(),
-                        folder: None,
-                    };
-                    if let Ok(mut c) =
-                        source.run_config(&self.record.scale, &self.record.base, &base_run)
-                    {
-                        // The start is a baseline of the rival's own network and data.
-                        c.model = config.model.clone();
-                        let stage = Stage::new(StageKind::Train, "baseline", c, "");
-                        start = Some(stage.name.clone());
-                        out.push(stage);
-                    }
-                }
-                let kind = eio_spec::rivals::method_name(config.train.method).to_lowercase();
-                let salt = start.clone().unwrap_or_default();
-                let mut stage = Stage::new(StageKind::Train, &kind, config.clone(), &salt);
-                stage.start = start;
-                out.push(stage);
-            }
-        }
-        out
+    pub fn stages(&self, i: usize) -> &[Stage] {
+        &self.stages[i]
     }
 
     /// The stage of the black-box suite every run is judged on (`None` when the figure does not
@@ -263,6 +224,69 @@ impl Sweep {
             RunStatus::Pending
         }
     }
+}
+
+/// The stages `run` (training with `config`) needs, in build order: an EIO run's RGN and its
+/// derived path; a baseline; a rival, after the baseline DVERGE starts from.
+///
+/// # Errors
+/// A plan whose path cannot be drawn, or a start config that does not load.
+fn plan_stages(
+    record: &SweepRecord,
+    run: &RunSpec,
+    config: &Config,
+) -> Result<Vec<Stage>, ExperimentError> {
+    let mut out = Vec::new();
+    match run.method {
+        RunMethod::Eio => {
+            let rgn = Stage::new(StageKind::Train, "eio", config.clone(), "");
+            let path = derive_draw(config, run.path)?;
+            let derived = Stage::new(
+                StageKind::Derive {
+                    rgn: rgn.name.clone(),
+                    path: path.to_string(),
+                },
+                "derived",
+                crate::derive::derived_config(config),
+                &rgn.name,
+            );
+            out.push(rgn);
+            out.push(derived);
+        }
+        RunMethod::Baseline => {
+            out.push(Stage::new(StageKind::Train, "baseline", config.clone(), ""))
+        }
+        RunMethod::Rival => {
+            let mut start = None;
+            if config.train.method == Method::Dverge && config.dverge.init_from.is_empty() {
+                let base_run = RunSpec {
+                    id: format!("{}-start", run.id),
+                    label: String::new(),
+                    method: RunMethod::Baseline,
+                    set: Vec::new(),
+                    preset: None,
+                    members: Some(config.train.ensemble_size),
+                    path: 0,
+                    member: None,
+                };
+                let mut c = record
+                    .source()
+                    .run_config(&record.scale, &record.base, &base_run)
+                    .map_err(|e| ExperimentError::Usage(e.to_string()))?;
+                // The start is a baseline of the rival's own network and data.
+                c.model = config.model.clone();
+                let stage = Stage::new(StageKind::Train, "baseline", c, "");
+                start = Some(stage.name.clone());
+                out.push(stage);
+            }
+            let kind = eio_spec::rivals::method_name(config.train.method).to_lowercase();
+            let salt = start.clone().unwrap_or_default();
+            let mut stage = Stage::new(StageKind::Train, &kind, config.clone(), &salt);
+            stage.start = start;
+            out.push(stage);
+        }
+    }
+    Ok(out)
 }
 
 /// Where a run stands.
@@ -491,7 +515,7 @@ fn one_run(
     let run = &sweep.runs()[i];
     let stages = sweep.stages(i);
     let mut model = None;
-    for stage in &stages {
+    for stage in stages {
         display.stage(
             &run.id,
             &format!(
@@ -600,7 +624,7 @@ fn one_run(
         })
         .flatten()
         .collect();
-    let (costs, curve) = stage_records(dir, &stages);
+    let (costs, curve) = stage_records(dir, stages);
     let derived_path = stages.iter().find_map(|s| match &s.kind {
         StageKind::Derive { path, .. } => Some(path.clone()),
         StageKind::Train => None,

@@ -1377,7 +1377,7 @@ fn sweep_cmd(a: SweepArgs, interrupt: &AtomicBool) -> Result<bool> {
             "| # | id | label | method | task | status | stages |\n|---|---|---|---|---|---|---|"
         );
         for (i, run) in runs.iter().enumerate() {
-            let stages: Vec<String> = sweep.stages(i).into_iter().map(|s| s.name).collect();
+            let stages: Vec<&str> = sweep.stages(i).iter().map(|s| s.name.as_str()).collect();
             println!(
                 "| {i} | {} | {} | {:?} | {} | {:?} | {} |",
                 run.id,
