@@ -287,23 +287,12 @@ impl Observer for Recording<'_> {
     fn epoch(&mut self, record: &EpochRecord) -> Result<Flow, TrainError> {
         self.dir
             .append_metrics(record)
-            .map_err(|e| TrainError::Setup(format!("{e}: {}", error_chain(&e))))?;
+            .map_err(|e| TrainError::Setup(crate::error_chain(&e)))?;
         self.inner.epoch(record)
     }
     fn note(&mut self, message: &str) {
         self.inner.note(message);
     }
-}
-
-/// The causes of an error, joined by ": " (for errors flattened into a message).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 /// Trains `checkpoint` in `dir` until done or interrupted; on completion writes

@@ -66,3 +66,16 @@ pub enum EngineError {
     #[error("device {requested:?} is not available: {reason}")]
     Device { requested: String, reason: String },
 }
+
+/// An error and its causes as one line, `error: cause: cause ...` (for errors flattened into a
+/// message or a report).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -183,18 +183,6 @@ fn visit_folder(folder: &Path, report: &mut Report) -> Result<(), VerifyError> {
     Ok(())
 }
 
-/// The message of an error and its causes.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// What a `.safetensors` file holds, when it is intact.
 enum Tensors {
     Checkpoint(Box<Checkpoint>, Seal),
@@ -210,14 +198,16 @@ fn seal_text(seal: &Seal) -> &'static str {
 
 fn read_safetensors(path: &Path) -> Result<Tensors, String> {
     let bytes = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    let seal = integrity::check(&bytes).map_err(|e| chain(&e))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| chain(&e))?;
+    let seal = integrity::check(&bytes).map_err(|e| crate::error_chain(&e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| crate::error_chain(&e))?;
     let is_checkpoint = header
         .metadata()
         .as_ref()
         .is_some_and(|m| m.contains_key("eio"));
     if is_checkpoint {
-        let c = Checkpoint::from_bytes(&bytes, path, &Device::Cpu, None).map_err(|e| chain(&e))?;
+        let c = Checkpoint::from_bytes(&bytes, path, &Device::Cpu, None)
+            .map_err(|e| crate::error_chain(&e))?;
         Ok(Tensors::Checkpoint(Box::new(c), seal))
     } else {
         Ok(Tensors::Other(seal))
@@ -429,7 +419,7 @@ fn check_suite(folder: &Path, report: &mut Report) -> Result<(), VerifyError> {
             report.push(
                 Status::Corrupt,
                 folder,
-                format!("black-box suite: {}", chain(&e)),
+                format!("black-box suite: {}", crate::error_chain(&e)),
             );
             report.items.extend(stale.items);
             return Ok(());
@@ -440,7 +430,7 @@ fn check_suite(folder: &Path, report: &mut Report) -> Result<(), VerifyError> {
         match suite.check_job(job) {
             Ok(true) => present += 1,
             Ok(false) => missing += 1,
-            Err(e) => damaged.push((folder.join(job.file()), chain(&e))),
+            Err(e) => damaged.push((folder.join(job.file()), crate::error_chain(&e))),
         }
     }
     let total = suite.manifest.jobs.len();

@@ -132,18 +132,6 @@ fn sweep(target: &Path, every: bool, write: &mut dyn FnMut() -> Result<(), Strin
     steps.len()
 }
 
-/// The error and its causes as one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 fn record(global_epoch: usize) -> EpochRecord {
     EpochRecord {
         phase: Phase::Main,
@@ -192,7 +180,8 @@ fn every_artifact(every: bool) -> usize {
     let mut other = config.clone();
     other.seed = 4;
     faults += sweep(&run.config(), every, &mut || {
-        run.write_config(&other).map_err(|e| chain(&e))
+        run.write_config(&other)
+            .map_err(|e| eio_accelerated::error_chain(&e))
     });
 
     let first = train::start(&config, &cpu, DType::F32).unwrap();
@@ -201,25 +190,31 @@ fn every_artifact(every: bool) -> usize {
     later.meta.progress.epoch = 1;
     later.meta.progress.global_epoch = 1;
     faults += sweep(&run.checkpoint(), every, &mut || {
-        later.save(&run.checkpoint()).map_err(|e| chain(&e))
+        later
+            .save(&run.checkpoint())
+            .map_err(|e| eio_accelerated::error_chain(&e))
     });
 
     let model = experiment::first_members(&first, 1);
     model.save(&run.model()).unwrap();
     let model_later = experiment::first_members(&later, 1);
     faults += sweep(&run.model(), every, &mut || {
-        model_later.save(&run.model()).map_err(|e| chain(&e))
+        model_later
+            .save(&run.model())
+            .map_err(|e| eio_accelerated::error_chain(&e))
     });
 
     run.append_metrics(&record(0)).unwrap();
     faults += sweep(&run.metrics(), every, &mut || {
-        run.append_metrics(&record(1)).map_err(|e| chain(&e))
+        run.append_metrics(&record(1))
+            .map_err(|e| eio_accelerated::error_chain(&e))
     });
 
     for file in ["eval.json", "eval.csv"] {
         EvalReport::write(&[eval_report(0.5)], &[], &run.root).unwrap();
         faults += sweep(&run.root.join(file), every, &mut || {
-            EvalReport::write(&[eval_report(0.75)], &[], &run.root).map_err(|e| chain(&e))
+            EvalReport::write(&[eval_report(0.75)], &[], &run.root)
+                .map_err(|e| eio_accelerated::error_chain(&e))
         });
     }
 
@@ -250,12 +245,15 @@ fn every_artifact(every: bool) -> usize {
     folded(0).save(&run.folded()).unwrap();
     let next = folded(1);
     faults += sweep(&run.folded(), every, &mut || {
-        next.save(&run.folded()).map_err(|e| chain(&e))
+        next.save(&run.folded())
+            .map_err(|e| eio_accelerated::error_chain(&e))
     });
     let state_file = run.root.join("state.safetensors");
     states[0].save(&state_file).unwrap();
     faults += sweep(&state_file, every, &mut || {
-        states[1].save(&state_file).map_err(|e| chain(&e))
+        states[1]
+            .save(&state_file)
+            .map_err(|e| eio_accelerated::error_chain(&e))
     });
 
     // Everything written is intact and named as such by `eio verify`'s checks.
@@ -381,7 +379,7 @@ fn interrupted_generations(every: bool) -> usize {
             let e = generate(&setup, &out).expect_err("the injected fault stops the generation");
             assert!(!fault::pending(), "write {k} struck");
             faults += 1;
-            let text = chain(&e);
+            let text = eio_accelerated::error_chain(&e);
             assert!(text.contains("No space left on device"), "{text}");
             assert!(
                 temporaries(&out).is_empty(),
