@@ -69,14 +69,23 @@ pub fn on_cpu_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 /// time. With blocks up to 32 MiB (glibc's largest threshold) served from the heap and no
 /// trimming, a step reuses the memory the previous step freed. The peak resident memory is
 /// unchanged (what is freed is reused, not added to); the process simply does not shrink.
+///
+/// All threads share glibc's main arena (`M_ARENA_MAX` = 1). The engine's work runs on rayon
+/// workers, and a worker's own arena lives in 64 MiB heaps that glibc still maps and unmaps as
+/// a step's tensors come and go: with per-thread arenas a ResNet-20 training step page-faulted
+/// about 90 MB in every step (23,000 faults, ~8 % of its time); with the main arena only the
+/// first steps do (BENCHMARKS.md). The ops allocate a few large blocks each, so the one
+/// arena's lock is taken a few times per op.
+///
 /// Call it once at start-up (the `eio` command and the benches do); elsewhere a no-op.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes the allocator's tuning parameters; both values are valid
+    // SAFETY: mallopt only changes the allocator's tuning parameters; the values are valid
     // (32 MiB is glibc's maximum mmap threshold on 64-bit; a trim threshold of -1 disables
-    // trimming, mallopt(3)).
+    // trimming; an arena count of 1 is the main arena alone, mallopt(3)).
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

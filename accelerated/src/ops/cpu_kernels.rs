@@ -2,8 +2,10 @@
 //! the batch (or channels) on rayon's global pool. No candle types beyond the element trait:
 //! [`super::cpu`] moves tensors in and out.
 //!
-//! Convolutions are im2col + GEMM (the `gemm` crate candle itself uses), with the convolution
-//! of image n written as `Y_n = W · cols(X_n)`, where `W` is the weight viewed as `[C_out, K]`,
+//! Convolutions are im2col + GEMM (the `gemm` crate candle itself uses), except the f32 3x3
+//! stride-1 ones of 16- and 32-pixel rows on AVX-512 CPUs, which [`super::direct_conv`]
+//! computes without an im2col matrix (forward and, as a forward convolution, dL/dx). Im2col
+//! writes the convolution of image n as `Y_n = W · cols(X_n)`, where `W` is the weight viewed as `[C_out, K]`,
 //! `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches (zero where a
 //! tap falls in the padding). Its gradients are then two more GEMMs: `dW = Σ_n dY_n · cols(X_n)ᵀ`,
 //! and `dX_n`, for a stride-1 "same" convolution the forward convolution of `dY_n` with the
@@ -15,13 +17,30 @@
 //! BatchNorm works on the `[N, C, H·W]` view of a map: per-channel sums in one (statistics:
 //! two) pass over the channel's N blocks, then one elementwise pass over all N·C blocks.
 
+use super::direct_conv;
 use candle_core::WithDType;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// The element types the CPU kernels run on: f32 and f64 (what `gemm` and the engine support).
-pub trait Real: WithDType {}
-impl Real for f32 {}
+pub trait Real: WithDType {
+    /// Computes [`conv2d`] with a kernel of this type's own when it has one for this geometry
+    /// and CPU (f32: [`direct_conv`]); `false` leaves `y` untouched for im2col + GEMM.
+    fn direct_conv2d(_g: &ConvGeom, _x: &[Self], _w: &[Self], _y: &mut [Self]) -> bool {
+        false
+    }
+}
+
+impl Real for f32 {
+    fn direct_conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) -> bool {
+        let applies = direct_conv::applies(g);
+        if applies {
+            direct_conv::conv2d(g, x, w, y);
+        }
+        applies
+    }
+}
+
 impl Real for f64 {}
 
 /// Elements below which an elementwise pass is not split across threads.
@@ -374,9 +393,19 @@ impl<T: Real> Cols<T> {
     }
 }
 
-/// Convolution forward: `Y = W · [cols(X_1) … cols(X_c)]` for each chunk of images (see
-/// [`images_per_chunk`]), into `y` (`[N, C_out, Ho, Wo]`); one range of images per thread.
+/// Convolution forward into `y` (`[N, C_out, Ho, Wo]`): the type's direct kernel where it has
+/// one ([`Real::direct_conv2d`]: f32 3x3 stride-1 convolutions of 16- and 32-pixel rows on
+/// AVX-512 CPUs), else [`conv2d_im2col`].
 pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
+    if T::direct_conv2d(g, x, w, y) {
+        return;
+    }
+    conv2d_im2col(g, x, w, y)
+}
+
+/// [`conv2d`] by im2col + GEMM: `Y = W · [cols(X_1) … cols(X_c)]` for each chunk of images
+/// (see [`images_per_chunk`]); one range of images per thread.
+fn conv2d_im2col<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
     let k = g.k();
     let split = Split::new::<T>(g, rayon::current_num_threads());
     y.par_chunks_mut(split.per_task * g.out_image())

@@ -26,6 +26,7 @@
 mod alignment;
 mod cpu;
 mod cpu_kernels;
+mod direct_conv;
 pub mod rivals;
 mod stock;
 mod tangent;

@@ -1,0 +1,289 @@
+//! Direct 3x3 convolution (stride 1, padding 1) in f32 with AVX-512, without an im2col
+//! matrix: each output row is one or two 16-lane vectors, and a block of [`OUT_BLOCK`] output
+//! channels accumulates `Σ_{c, u, v} w[o, c, u, v] · x[c, i + u − 1, j + v − 1]` in registers,
+//! reading every input row straight from a zero-padded copy of the image. The im2col + GEMM
+//! path writes and reads back a matrix 9x the input for every convolution; here the input is
+//! read from cache and each loaded vector serves [`OUT_BLOCK`] multiply-adds.
+//!
+//! Used for the forward convolution and, through [`super::cpu_kernels::conv2d_backward_input`],
+//! dL/dx, when the CPU has AVX-512F and a row is 16 or 32 pixels (ResNet-20's first two stages,
+//! VGG-16's larger maps); everything else stays on im2col + GEMM. The sum over (c, u, v) runs in
+//! that order, so results are the same on every run and thread count; they differ from the GEMM
+//! path's by rounding only.
+
+use super::cpu_kernels::ConvGeom;
+use rayon::prelude::*;
+
+/// Output channels one register block accumulates (16 accumulators of 16 lanes).
+const OUT_BLOCK: usize = 8;
+
+/// f32 lanes of a 512-bit vector.
+const LANES: usize = 16;
+
+/// Whether [`conv2d`] computes this convolution on this CPU.
+pub fn applies(g: &ConvGeom) -> bool {
+    let shape = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding == 1;
+    let rows = g.w == 2 * LANES || (g.w == LANES && g.h.is_multiple_of(2));
+    shape && rows && has_avx512()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512() -> bool {
+    false
+}
+
+/// The convolution `y = conv(x, w)` (`[N, C_in, H, W] * [C_out, C_in, 3, 3]`, output
+/// `[N, C_out, H, W]`); `g` must satisfy [`applies`]. One range of images per thread.
+pub fn conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
+    assert!(
+        applies(g),
+        "direct_conv::conv2d on an unsupported geometry {g:?}"
+    );
+    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.h * g.w);
+    assert_eq!(x.len(), g.n * in_image, "conv2d input length");
+    assert_eq!(y.len(), g.n * out_image, "conv2d output length");
+    assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight length");
+    let per_task = g.n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    y.par_chunks_mut(per_task * out_image)
+        .zip(x.par_chunks(per_task * in_image))
+        .for_each(|(ys, xs)| {
+            let mut padded = Padded::new(g);
+            for (y, x) in ys
+                .chunks_exact_mut(out_image)
+                .zip(xs.chunks_exact(in_image))
+            {
+                padded.fill(g, x);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `applies` checked that the CPU has AVX-512F; the lengths were checked
+                // above and `padded` holds `C_in·(H + 2)·(W + 2)` entries.
+                unsafe {
+                    avx512::image(g, &padded.data, w, y)
+                };
+            }
+        });
+}
+
+/// One image zero-padded by one pixel on every side: `[C_in][H + 2][W + 2]`.
+struct Padded {
+    data: Vec<f32>,
+}
+
+impl Padded {
+    fn new(g: &ConvGeom) -> Self {
+        Padded {
+            data: vec![0.0; g.c_in * (g.h + 2) * (g.w + 2)],
+        }
+    }
+
+    /// Copies the image `x` (`[C_in, H, W]`) inside the border, which stays zero.
+    fn fill(&mut self, g: &ConvGeom, x: &[f32]) {
+        let (row, plane) = (g.w + 2, (g.h + 2) * (g.w + 2));
+        for (c, channel) in x.chunks_exact(g.h * g.w).enumerate() {
+            for (i, line) in channel.chunks_exact(g.w).enumerate() {
+                self.data[c * plane + (i + 1) * row + 1..][..g.w].copy_from_slice(line);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{ConvGeom, LANES, OUT_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// One image: `xp` zero-padded (`[C_in][H + 2][W + 2]`), `y` `[C_out][H][W]`. Rows of 32
+    /// pixels are two vectors, one row at a time; rows of 16 one vector, two rows at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `xp`, `w` and `y` must have the lengths of `g`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn image(g: &ConvGeom, xp: &[f32], w: &[f32], y: &mut [f32]) {
+        if g.w == 2 * LANES {
+            blocks::<1, 2>(g, xp, w, y);
+        } else {
+            blocks::<2, 1>(g, xp, w, y);
+        }
+    }
+
+    /// All output channels in blocks of [`OUT_BLOCK`] (the rest one by one), `ROWS` output rows
+    /// of `VECS` vectors at a time.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn blocks<const ROWS: usize, const VECS: usize>(
+        g: &ConvGeom,
+        xp: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+    ) {
+        let mut o = 0;
+        while o + OUT_BLOCK <= g.c_out {
+            rows::<OUT_BLOCK, ROWS, VECS>(g, xp, w, y, o);
+            o += OUT_BLOCK;
+        }
+        while o < g.c_out {
+            rows::<1, ROWS, VECS>(g, xp, w, y, o);
+            o += 1;
+        }
+    }
+
+    /// Output channels `o0..o0 + OUTS`, every row.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows<const OUTS: usize, const ROWS: usize, const VECS: usize>(
+        g: &ConvGeom,
+        xp: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        o0: usize,
+    ) {
+        let (prow, pplane) = (g.w + 2, (g.h + 2) * (g.w + 2));
+        let taps = g.c_in * 9;
+        let (xp, w, y) = (xp.as_ptr(), w.as_ptr(), y.as_mut_ptr());
+        for i0 in (0..g.h).step_by(ROWS) {
+            let mut acc = [[[_mm512_setzero_ps(); VECS]; ROWS]; OUTS];
+            for c in 0..g.c_in {
+                for u in 0..3 {
+                    for v in 0..3 {
+                        // Input vectors: output row i0 + r reads padded row i0 + r + u, from
+                        // column v on.
+                        let mut input = [[_mm512_setzero_ps(); VECS]; ROWS];
+                        for (r, vectors) in input.iter_mut().enumerate() {
+                            let at = c * pplane + (i0 + r + u) * prow + v;
+                            for (k, vector) in vectors.iter_mut().enumerate() {
+                                *vector = _mm512_loadu_ps(xp.add(at + k * LANES));
+                            }
+                        }
+                        for (o, sums) in acc.iter_mut().enumerate() {
+                            let weight =
+                                _mm512_set1_ps(*w.add((o0 + o) * taps + c * 9 + u * 3 + v));
+                            for (row, vectors) in sums.iter_mut().zip(&input) {
+                                for (a, &vector) in row.iter_mut().zip(vectors) {
+                                    *a = _mm512_fmadd_ps(weight, vector, *a);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for (o, sums) in acc.iter().enumerate() {
+                for (r, row) in sums.iter().enumerate() {
+                    let at = ((o0 + o) * g.h + i0 + r) * g.w;
+                    for (k, &sum) in row.iter().enumerate() {
+                        _mm512_storeu_ps(y.add(at + k * LANES), sum);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The direct sum in f64 (the definition of the convolution).
+    fn reference(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
+        let mut y = vec![0.0; g.n * g.c_out * g.h * g.w];
+        for n in 0..g.n {
+            for o in 0..g.c_out {
+                for i in 0..g.h {
+                    for j in 0..g.w {
+                        let mut sum = 0.0;
+                        for c in 0..g.c_in {
+                            for u in 0..3 {
+                                for v in 0..3 {
+                                    let (a, b) = ((i + u) as isize - 1, (j + v) as isize - 1);
+                                    if a < 0 || b < 0 || a >= g.h as isize || b >= g.w as isize {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((n * g.c_in + c) * g.h + a as usize) * g.w + b as usize;
+                                    sum +=
+                                        w[((o * g.c_in + c) * 3 + u) * 3 + v] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                        y[((n * g.c_out + o) * g.h + i) * g.w + j] = sum;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Both row widths, channel counts with and without a partial block (3 output channels:
+    /// the input gradient of the stem), several images per thread: the kernel equals the
+    /// definition to f32 rounding of sums of this length.
+    #[test]
+    fn direct_convolution_matches_the_definition() {
+        if !has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for &(n, c_in, c_out, h, w) in &[
+            (3, 16, 16, 32, 32),
+            (2, 3, 16, 32, 32),
+            (2, 16, 3, 32, 32),
+            (5, 32, 32, 16, 16),
+            (1, 8, 11, 4, 16),
+            (4, 64, 8, 2, 32),
+        ] {
+            let g = ConvGeom {
+                n,
+                c_in,
+                h,
+                w,
+                c_out,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                padding: 1,
+            };
+            assert!(applies(&g));
+            let x: Vec<f32> = (0..n * c_in * h * w)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let k: Vec<f32> = (0..c_out * c_in * 9)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let mut y = vec![f32::NAN; n * c_out * h * w];
+            conv2d(&g, &x, &k, &mut y);
+            let bound = 2.0 * f32::EPSILON as f64 * (9 * c_in) as f64;
+            for (a, b) in y.iter().zip(reference(&g, &x, &k)) {
+                assert!(
+                    (*a as f64 - b).abs() <= bound * b.abs().max(1.0),
+                    "{g:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn other_geometries_do_not_apply() {
+        let g = ConvGeom {
+            n: 1,
+            c_in: 1,
+            h: 32,
+            w: 32,
+            c_out: 1,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding: 1,
+        };
+        assert!(!applies(&ConvGeom { w: 8, ..g }));
+        assert!(!applies(&ConvGeom { w: 16, h: 15, ..g }));
+        assert!(!applies(&ConvGeom { stride: 2, ..g }));
+        assert!(!applies(&ConvGeom {
+            kh: 1,
+            kw: 1,
+            padding: 0,
+            ..g
+        }));
+    }
+}
