@@ -6,8 +6,9 @@
 //! read from cache and each loaded vector serves [`OUT_BLOCK`] multiply-adds.
 //!
 //! Used for the forward convolution and, through [`super::cpu_kernels::conv2d_backward_input`],
-//! dL/dx, when the CPU has AVX-512F and a row is 16 or 32 pixels (ResNet-20's first two stages,
-//! VGG-16's larger maps); everything else stays on im2col + GEMM. The sum over (c, u, v) runs in
+//! dL/dx, when the CPU has AVX-512F and a row is 8, 16 or 32 pixels (all of ResNet-20's 3x3
+//! stride-1 convolutions on CIFAR, VGG-16's larger maps); everything else (strided and 1x1
+//! convolutions, other widths, f64, CPUs without AVX-512) stays on im2col + GEMM. The sum over (c, u, v) runs in
 //! that order, so results are the same on every run and thread count; they differ from the GEMM
 //! path's by rounding only.
 
@@ -23,7 +24,9 @@ const LANES: usize = 16;
 /// Whether [`conv2d`] computes this convolution on this CPU.
 pub fn applies(g: &ConvGeom) -> bool {
     let shape = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.padding == 1;
-    let rows = g.w == 2 * LANES || (g.w == LANES && g.h.is_multiple_of(2));
+    let rows = g.w == 2 * LANES
+        || (g.w == LANES && g.h.is_multiple_of(2))
+        || (g.w == LANES / 2 && g.h.is_multiple_of(4));
     shape && rows && has_avx512()
 }
 
@@ -68,24 +71,39 @@ pub fn conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
         });
 }
 
-/// One image zero-padded by one pixel on every side: `[C_in][H + 2][W + 2]`.
+/// One image with a zero border: `[C_in][H + 2][row]` after one zero entry (and one more at
+/// the end). Rows of 16 and 32 pixels are padded on both sides (`row = W + 2`); rows of 8 are
+/// not (`row = 8`): their kernel loads two rows per vector and zeroes the lanes of the missing
+/// columns with a mask, reading one entry before or after a row (the extra entries keep those
+/// reads inside the buffer).
 struct Padded {
     data: Vec<f32>,
 }
 
 impl Padded {
+    /// Row length and left border of the layout for `g`.
+    fn row(g: &ConvGeom) -> (usize, usize) {
+        if g.w == LANES / 2 {
+            (g.w, 0)
+        } else {
+            (g.w + 2, 1)
+        }
+    }
+
     fn new(g: &ConvGeom) -> Self {
+        let (row, _) = Self::row(g);
         Padded {
-            data: vec![0.0; g.c_in * (g.h + 2) * (g.w + 2)],
+            data: vec![0.0; g.c_in * (g.h + 2) * row + 2],
         }
     }
 
     /// Copies the image `x` (`[C_in, H, W]`) inside the border, which stays zero.
     fn fill(&mut self, g: &ConvGeom, x: &[f32]) {
-        let (row, plane) = (g.w + 2, (g.h + 2) * (g.w + 2));
+        let (row, left) = Self::row(g);
+        let plane = (g.h + 2) * row;
         for (c, channel) in x.chunks_exact(g.h * g.w).enumerate() {
             for (i, line) in channel.chunks_exact(g.w).enumerate() {
-                self.data[c * plane + (i + 1) * row + 1..][..g.w].copy_from_slice(line);
+                self.data[1 + c * plane + (i + 1) * row + left..][..g.w].copy_from_slice(line);
             }
         }
     }
@@ -96,17 +114,73 @@ mod avx512 {
     use super::{ConvGeom, LANES, OUT_BLOCK};
     use std::arch::x86_64::*;
 
-    /// One image: `xp` zero-padded (`[C_in][H + 2][W + 2]`), `y` `[C_out][H][W]`. Rows of 32
-    /// pixels are two vectors, one row at a time; rows of 16 one vector, two rows at a time.
+    /// One image: `xp` the [`super::Padded`] image, `y` `[C_out][H][W]`. Rows of 32 pixels
+    /// are two vectors, one row at a time; rows of 16 one vector, two rows at a time; rows of 8
+    /// half a vector, four rows (two vectors) at a time.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `xp`, `w` and `y` must have the lengths of `g`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn image(g: &ConvGeom, xp: &[f32], w: &[f32], y: &mut [f32]) {
-        if g.w == 2 * LANES {
-            blocks::<1, 2>(g, xp, w, y);
-        } else {
-            blocks::<2, 1>(g, xp, w, y);
+        match g.w {
+            32 => blocks::<1, 2>(g, xp, w, y),
+            16 => blocks::<2, 1>(g, xp, w, y),
+            _ => {
+                let mut o = 0;
+                while o + OUT_BLOCK <= g.c_out {
+                    rows8::<OUT_BLOCK>(g, xp, w, y, o);
+                    o += OUT_BLOCK;
+                }
+                while o < g.c_out {
+                    rows8::<1>(g, xp, w, y, o);
+                    o += 1;
+                }
+            }
+        }
+    }
+
+    /// Output channels `o0..o0 + OUTS` of an image of 8-pixel rows: each vector holds two
+    /// output rows, each input vector the two input rows they read, loaded from one column
+    /// before (`v` = 0) or after (`v` = 2) the row with the lanes of the column outside the
+    /// image zeroed.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows8<const OUTS: usize>(
+        g: &ConvGeom,
+        xp: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        o0: usize,
+    ) {
+        // Lanes 0 and 8 are column 0 of a row, lanes 7 and 15 column 7.
+        const MASKS: [__mmask16; 3] = [0xfefe, 0xffff, 0x7f7f];
+        let (row, plane, taps) = (g.w, (g.h + 2) * g.w, g.c_in * 9);
+        let (xp, w, y) = (xp.as_ptr(), w.as_ptr(), y.as_mut_ptr());
+        for i0 in (0..g.h).step_by(4) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; OUTS];
+            for c in 0..g.c_in {
+                for u in 0..3 {
+                    for (v, &mask) in MASKS.iter().enumerate() {
+                        // Output rows i0 + 2k, i0 + 2k + 1 read padded rows i0 + 2k + u and the
+                        // next, columns v − 1 .. v + 7 (entry 0 of the buffer is the extra one).
+                        let input: [__m512; 2] = std::array::from_fn(|k| {
+                            let at = c * plane + (i0 + 2 * k + u) * row + v;
+                            _mm512_maskz_loadu_ps(mask, xp.add(at))
+                        });
+                        for (o, sums) in acc.iter_mut().enumerate() {
+                            let weight =
+                                _mm512_set1_ps(*w.add((o0 + o) * taps + c * 9 + u * 3 + v));
+                            for (a, &vector) in sums.iter_mut().zip(&input) {
+                                *a = _mm512_fmadd_ps(weight, vector, *a);
+                            }
+                        }
+                    }
+                }
+            }
+            for (o, sums) in acc.iter().enumerate() {
+                for (k, &sum) in sums.iter().enumerate() {
+                    _mm512_storeu_ps(y.add(((o0 + o) * g.h + i0 + 2 * k) * g.w), sum);
+                }
+            }
         }
     }
 
@@ -151,7 +225,7 @@ mod avx512 {
                         // column v on.
                         let mut input = [[_mm512_setzero_ps(); VECS]; ROWS];
                         for (r, vectors) in input.iter_mut().enumerate() {
-                            let at = c * pplane + (i0 + r + u) * prow + v;
+                            let at = 1 + c * pplane + (i0 + r + u) * prow + v;
                             for (k, vector) in vectors.iter_mut().enumerate() {
                                 *vector = _mm512_loadu_ps(xp.add(at + k * LANES));
                             }
@@ -232,6 +306,8 @@ mod tests {
             (5, 32, 32, 16, 16),
             (1, 8, 11, 4, 16),
             (4, 64, 8, 2, 32),
+            (3, 64, 64, 8, 8),
+            (2, 24, 5, 12, 8),
         ] {
             let g = ConvGeom {
                 n,
@@ -276,7 +352,8 @@ mod tests {
             stride: 1,
             padding: 1,
         };
-        assert!(!applies(&ConvGeom { w: 8, ..g }));
+        assert!(!applies(&ConvGeom { w: 4, h: 4, ..g }));
+        assert!(!applies(&ConvGeom { w: 8, h: 6, ..g }));
         assert!(!applies(&ConvGeom { w: 16, h: 15, ..g }));
         assert!(!applies(&ConvGeom { stride: 2, ..g }));
         assert!(!applies(&ConvGeom {
