@@ -499,6 +499,10 @@ mod tests {
             // ResNet-20's first stage: one image per chunk (a 144 x 1024 im2col matrix), dL/dx
             // as a convolution of dY with the flipped kernel.
             (9, 16, 32, 4, 3, 1, 1),
+            // Rows of 16 and 8 pixels with a partial block of output channels (in f32 on an
+            // AVX-512 CPU, the direct kernel, as the two 32-pixel cases above).
+            (3, 8, 16, 12, 3, 1, 1),
+            (4, 7, 8, 9, 3, 1, 1),
         ];
         for (n, c_in, size, c_out, k, s, p) in cases {
             let what = format!(
@@ -741,10 +745,17 @@ mod tests {
     /// chunk order, so 1, 2 and 3 threads give the same bits.
     #[test]
     fn conv_results_do_not_depend_on_the_thread_count() {
+        // 7x7: im2col + GEMM; 16x16 and 8x8: the direct kernel where the CPU has AVX-512.
+        for size in [7, 16, 8] {
+            conv_results_on_threads(size);
+        }
+    }
+
+    fn conv_results_on_threads(size: usize) {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let x = random(&[13, 5, 7, 7], DType::F32, &mut rng);
+        let x = random(&[13, 5, size, size], DType::F32, &mut rng);
         let w = random(&[6, 5, 3, 3], DType::F32, &mut rng);
-        let g = random(&[13, 6, 7, 7], DType::F32, &mut rng);
+        let g = random(&[13, 6, size, size], DType::F32, &mut rng);
         let on = |threads: usize| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -759,9 +770,21 @@ mod tests {
         let one = on(1);
         for threads in [2, 3] {
             let other = on(threads);
-            assert_same(&format!("y on {threads} threads"), &other.0, &one.0);
-            assert_same(&format!("dL/dx on {threads} threads"), &other.1, &one.1);
-            assert_same(&format!("dL/dw on {threads} threads"), &other.2, &one.2);
+            assert_same(
+                &format!("{size}x{size}: y on {threads} threads"),
+                &other.0,
+                &one.0,
+            );
+            assert_same(
+                &format!("{size}x{size}: dL/dx on {threads} threads"),
+                &other.1,
+                &one.1,
+            );
+            assert_same(
+                &format!("{size}x{size}: dL/dw on {threads} threads"),
+                &other.2,
+                &one.2,
+            );
         }
     }
 
