@@ -63,7 +63,7 @@ pub fn conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
                 padded.fill(g, x);
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the lengths were checked
-                // above and `padded` holds `C_in·(H + 2)·(W + 2)` entries.
+                // above and `padded` holds one image in the layout `Padded::row` gives `g`.
                 unsafe {
                     avx512::image(g, &padded.data, w, y)
                 };
