@@ -5,8 +5,8 @@
 //! Convolutions are im2col + GEMM (the `gemm` crate candle itself uses), except the f32 3x3
 //! stride-1 ones of 8-, 16- and 32-pixel rows on AVX-512 CPUs, which [`super::direct_conv`]
 //! computes without an im2col matrix (forward and, as a forward convolution, dL/dx). Im2col
-//! writes the convolution of image n as `Y_n = W · cols(X_n)`, where `W` is the weight viewed as `[C_out, K]`,
-//! `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches (zero where a
+//! writes the convolution of image n as `Y_n = W · cols(X_n)`, where `W` is the weight viewed
+//! as `[C_out, K]`, `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches (zero where a
 //! tap falls in the padding). Its gradients are then two more GEMMs: `dW = Σ_n dY_n · cols(X_n)ᵀ`,
 //! and `dX_n`, for a stride-1 "same" convolution the forward convolution of `dY_n` with the
 //! flipped, transposed kernel, for any other `col2im(Wᵀ · dY_n)`. The batch is cut into chunks of a few images whose

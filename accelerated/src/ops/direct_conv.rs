@@ -8,9 +8,9 @@
 //! Used for the forward convolution and, through [`super::cpu_kernels::conv2d_backward_input`],
 //! dL/dx, when the CPU has AVX-512F and a row is 8, 16 or 32 pixels (all of ResNet-20's 3x3
 //! stride-1 convolutions on CIFAR, VGG-16's larger maps); everything else (strided and 1x1
-//! convolutions, other widths, f64, CPUs without AVX-512) stays on im2col + GEMM. The sum over (c, u, v) runs in
-//! that order, so results are the same on every run and thread count; they differ from the GEMM
-//! path's by rounding only.
+//! convolutions, other widths, f64, CPUs without AVX-512) stays on im2col + GEMM. The sum over
+//! (c, u, v) runs in that order, so results are the same on every run and thread count; they
+//! differ from the GEMM path's by rounding only.
 
 use super::cpu_kernels::ConvGeom;
 use rayon::prelude::*;
@@ -63,7 +63,7 @@ pub fn conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
                 padded.fill(g, x);
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the lengths were checked
-                // above and `padded` holds one image in the layout `Padded::row` gives `g`.
+                // above and `padded` holds one image in the layout `Layout::of(g)`.
                 unsafe {
                     avx512::image(g, &padded.data, w, y)
                 };
@@ -80,38 +80,71 @@ struct Padded {
     data: Vec<f32>,
 }
 
-impl Padded {
-    /// Row length and left border of the layout for `g`.
-    fn row(g: &ConvGeom) -> (usize, usize) {
-        if g.w == LANES / 2 {
+/// Where [`Padded`] puts things for one geometry.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Entries of a row: `W + 2`, or `W` for rows of 8.
+    row: usize,
+    /// Entries of a channel: `(H + 2)·row`.
+    plane: usize,
+    /// Columns of zeros left of a row: 1, or 0 for rows of 8.
+    left: usize,
+}
+
+impl Layout {
+    fn of(g: &ConvGeom) -> Self {
+        let (row, left) = if g.w == LANES / 2 {
             (g.w, 0)
         } else {
             (g.w + 2, 1)
+        };
+        Layout {
+            row,
+            plane: (g.h + 2) * row,
+            left,
         }
     }
 
+    /// Index of padded row `pr` of channel `c` from column `v − 1` of the image on (the input
+    /// tap `v` of output column 0).
+    fn tap(&self, c: usize, pr: usize, v: usize) -> usize {
+        // Entry 0 of the buffer is the extra one: image column j of a row is at 1 + left + j.
+        c * self.plane + pr * self.row + self.left + v
+    }
+}
+
+impl Padded {
     fn new(g: &ConvGeom) -> Self {
-        let (row, _) = Self::row(g);
         Padded {
-            data: vec![0.0; g.c_in * (g.h + 2) * row + 2],
+            data: vec![0.0; g.c_in * Layout::of(g).plane + 2],
         }
     }
 
     /// Copies the image `x` (`[C_in, H, W]`) inside the border, which stays zero.
     fn fill(&mut self, g: &ConvGeom, x: &[f32]) {
-        let (row, left) = Self::row(g);
-        let plane = (g.h + 2) * row;
+        let at = Layout::of(g);
         for (c, channel) in x.chunks_exact(g.h * g.w).enumerate() {
             for (i, line) in channel.chunks_exact(g.w).enumerate() {
-                self.data[1 + c * plane + (i + 1) * row + left..][..g.w].copy_from_slice(line);
+                // Column 0 of the image is tap v = 1 of output column 0.
+                self.data[at.tap(c, i + 1, 1)..][..g.w].copy_from_slice(line);
             }
         }
     }
 }
 
+/// The first output channel of each block of [`OUT_BLOCK`] channels, then of each channel
+/// left over, with whether it starts a full block.
+fn channel_blocks(c_out: usize) -> impl Iterator<Item = (usize, bool)> {
+    let full = c_out / OUT_BLOCK * OUT_BLOCK;
+    (0..full)
+        .step_by(OUT_BLOCK)
+        .map(|o| (o, true))
+        .chain((full..c_out).map(|o| (o, false)))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{ConvGeom, LANES, OUT_BLOCK};
+    use super::{channel_blocks, ConvGeom, Layout, LANES, OUT_BLOCK};
     use std::arch::x86_64::*;
 
     /// One image: `xp` the [`super::Padded`] image, `y` `[C_out][H][W]`. Rows of 32 pixels
@@ -122,19 +155,14 @@ mod avx512 {
     /// The CPU must have AVX-512F; `xp`, `w` and `y` must have the lengths of `g`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn image(g: &ConvGeom, xp: &[f32], w: &[f32], y: &mut [f32]) {
-        match g.w {
-            32 => blocks::<1, 2>(g, xp, w, y),
-            16 => blocks::<2, 1>(g, xp, w, y),
-            _ => {
-                let mut o = 0;
-                while o + OUT_BLOCK <= g.c_out {
-                    rows8::<OUT_BLOCK>(g, xp, w, y, o);
-                    o += OUT_BLOCK;
-                }
-                while o < g.c_out {
-                    rows8::<1>(g, xp, w, y, o);
-                    o += 1;
-                }
+        for (o, full) in channel_blocks(g.c_out) {
+            match (g.w, full) {
+                (32, true) => rows::<OUT_BLOCK, 1, 2>(g, xp, w, y, o),
+                (32, false) => rows::<1, 1, 2>(g, xp, w, y, o),
+                (16, true) => rows::<OUT_BLOCK, 2, 1>(g, xp, w, y, o),
+                (16, false) => rows::<1, 2, 1>(g, xp, w, y, o),
+                (_, true) => rows8::<OUT_BLOCK>(g, xp, w, y, o),
+                (_, false) => rows8::<1>(g, xp, w, y, o),
             }
         }
     }
@@ -153,7 +181,7 @@ mod avx512 {
     ) {
         // Lanes 0 and 8 are column 0 of a row, lanes 7 and 15 column 7.
         const MASKS: [__mmask16; 3] = [0xfefe, 0xffff, 0x7f7f];
-        let (row, plane, taps) = (g.w, (g.h + 2) * g.w, g.c_in * 9);
+        let (layout, taps) = (Layout::of(g), g.c_in * 9);
         let (xp, w, y) = (xp.as_ptr(), w.as_ptr(), y.as_mut_ptr());
         for i0 in (0..g.h).step_by(4) {
             let mut acc = [[_mm512_setzero_ps(); 2]; OUTS];
@@ -161,9 +189,9 @@ mod avx512 {
                 for u in 0..3 {
                     for (v, &mask) in MASKS.iter().enumerate() {
                         // Output rows i0 + 2k, i0 + 2k + 1 read padded rows i0 + 2k + u and the
-                        // next, columns v − 1 .. v + 7 (entry 0 of the buffer is the extra one).
+                        // next, columns v − 1 .. v + 7 (the rows of 8 lie back to back).
                         let input: [__m512; 2] = std::array::from_fn(|k| {
-                            let at = c * plane + (i0 + 2 * k + u) * row + v;
+                            let at = layout.tap(c, i0 + 2 * k + u, v);
                             _mm512_maskz_loadu_ps(mask, xp.add(at))
                         });
                         for (o, sums) in acc.iter_mut().enumerate() {
@@ -184,27 +212,8 @@ mod avx512 {
         }
     }
 
-    /// All output channels in blocks of [`OUT_BLOCK`] (the rest one by one), `ROWS` output rows
+    /// Output channels `o0..o0 + OUTS` of an image of 16- or 32-pixel rows, `ROWS` output rows
     /// of `VECS` vectors at a time.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn blocks<const ROWS: usize, const VECS: usize>(
-        g: &ConvGeom,
-        xp: &[f32],
-        w: &[f32],
-        y: &mut [f32],
-    ) {
-        let mut o = 0;
-        while o + OUT_BLOCK <= g.c_out {
-            rows::<OUT_BLOCK, ROWS, VECS>(g, xp, w, y, o);
-            o += OUT_BLOCK;
-        }
-        while o < g.c_out {
-            rows::<1, ROWS, VECS>(g, xp, w, y, o);
-            o += 1;
-        }
-    }
-
-    /// Output channels `o0..o0 + OUTS`, every row.
     #[target_feature(enable = "avx512f")]
     unsafe fn rows<const OUTS: usize, const ROWS: usize, const VECS: usize>(
         g: &ConvGeom,
@@ -213,8 +222,7 @@ mod avx512 {
         y: &mut [f32],
         o0: usize,
     ) {
-        let (prow, pplane) = (g.w + 2, (g.h + 2) * (g.w + 2));
-        let taps = g.c_in * 9;
+        let (layout, taps) = (Layout::of(g), g.c_in * 9);
         let (xp, w, y) = (xp.as_ptr(), w.as_ptr(), y.as_mut_ptr());
         for i0 in (0..g.h).step_by(ROWS) {
             let mut acc = [[[_mm512_setzero_ps(); VECS]; ROWS]; OUTS];
@@ -225,7 +233,7 @@ mod avx512 {
                         // column v on.
                         let mut input = [[_mm512_setzero_ps(); VECS]; ROWS];
                         for (r, vectors) in input.iter_mut().enumerate() {
-                            let at = 1 + c * pplane + (i0 + r + u) * prow + v;
+                            let at = layout.tap(c, i0 + r + u, v);
                             for (k, vector) in vectors.iter_mut().enumerate() {
                                 *vector = _mm512_loadu_ps(xp.add(at + k * LANES));
                             }
