@@ -4,7 +4,7 @@
 //!
 //! Convolutions are im2col + GEMM (the `gemm` crate candle itself uses), except the f32 3x3
 //! stride-1 ones of 8-, 16- and 32-pixel rows on AVX-512 CPUs, which [`super::direct_conv`]
-//! computes without an im2col matrix (forward and, as a forward convolution, dL/dx). Im2col
+//! computes without an im2col matrix (forward, dL/dx as a forward convolution, and dL/dw). Im2col
 //! writes the convolution of image n as `Y_n = W · cols(X_n)`, where `W` is the weight viewed
 //! as `[C_out, K]`, `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches (zero where a
 //! tap falls in the padding). Its gradients are then two more GEMMs: `dW = Σ_n dY_n · cols(X_n)ᵀ`,
@@ -29,6 +29,17 @@ pub trait Real: WithDType {
     fn direct_conv2d(_g: &ConvGeom, _x: &[Self], _w: &[Self], _y: &mut [Self]) -> bool {
         false
     }
+
+    /// [`conv2d_backward_weight`] with a kernel of this type's own (f32: [`direct_conv`]),
+    /// summing the batch in `parts` ranges; `None` for im2col + GEMM.
+    fn direct_conv2d_backward_weight(
+        _g: &ConvGeom,
+        _x: &[Self],
+        _dy: &[Self],
+        _parts: usize,
+    ) -> Option<Vec<Self>> {
+        None
+    }
 }
 
 impl Real for f32 {
@@ -38,6 +49,15 @@ impl Real for f32 {
             direct_conv::conv2d(g, x, w, y);
         }
         applies
+    }
+
+    fn direct_conv2d_backward_weight(
+        g: &ConvGeom,
+        x: &[f32],
+        dy: &[f32],
+        parts: usize,
+    ) -> Option<Vec<f32>> {
+        direct_conv::applies(g).then(|| direct_conv::conv2d_backward_weight(g, x, dy, parts))
     }
 }
 
@@ -508,7 +528,9 @@ pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut 
         });
 }
 
-/// Convolution dL/dw: `dW = Σ_chunks dY_chunk · cols(X_chunk)ᵀ` (`[C_out, K]`, i.e.
+/// Convolution dL/dw: the type's direct kernel where it has one
+/// ([`Real::direct_conv2d_backward_weight`], the geometries of [`Real::direct_conv2d`]), else
+/// `dW = Σ_chunks dY_chunk · cols(X_chunk)ᵀ` (`[C_out, K]`, i.e.
 /// `[C_out, C_in, kh, kw]`). The batch is split into [`WEIGHT_GRAD_PARTS`] ranges summed in
 /// parallel (one accumulating GEMM per chunk), then the ranges' sums are added in order.
 ///
@@ -517,6 +539,9 @@ pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut 
 /// repacks only `dY` (`C_out` rows, a ninth of the im2col matrix of a 3x3 convolution); the
 /// row-major `dW` orientation made it repack the whole im2col matrix for every chunk.
 pub fn conv2d_backward_weight<T: Real>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T> {
+    if let Some(dw) = T::direct_conv2d_backward_weight(g, x, dy, WEIGHT_GRAD_PARTS) {
+        return dw;
+    }
     let k = g.k();
     let split = Split::new::<T>(g, WEIGHT_GRAD_PARTS);
     let len = g.c_out * k;

@@ -11,6 +11,11 @@
 //! convolutions, other widths, f64, CPUs without AVX-512) stays on im2col + GEMM. The sum over
 //! (c, u, v) runs in that order, so results are the same on every run and thread count; they
 //! differ from the GEMM path's by rounding only.
+//!
+//! dL/dw ([`conv2d_backward_weight`]) runs on the same padded copies: for a few output and
+//! input channels and one kernel row at a time, 16-lane accumulators per weight sum
+//! `dy · x` over every output vector of a group of images, then join per-weight lane partial
+//! sums that are added across lanes once, at the end.
 
 use super::cpu_kernels::ConvGeom;
 use rayon::prelude::*;
@@ -69,6 +74,65 @@ pub fn conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
                 };
             }
         });
+}
+
+/// Vectors of output pixels one accumulator pass of [`conv2d_backward_weight`] covers at
+/// least: a pass reads its block of dY and input channels once and adds its accumulators to
+/// the lane partial sums once, so small maps take several images per pass.
+const WEIGHT_PASS_VECTORS: usize = 64;
+
+/// dL/dw of the convolution, `dw[o, c, u, v] = Σ_{n, i, j} dy[n, o, i, j] · x[n, c, i + u − 1,
+/// j + v − 1]` (`[C_out, C_in, 3, 3]`); `g` must satisfy [`applies`]. The batch is cut into
+/// `parts` ranges, one rayon task each; a range's sum is kept as 16 lane partial sums per
+/// weight (one per vector lane, so no horizontal sum in the inner loop), whose lanes are added
+/// in order at the end, and the ranges' sums are then added in order. `parts` is a constant of
+/// the caller, not the thread count, so the result has the same bits on every machine.
+pub fn conv2d_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], parts: usize) -> Vec<f32> {
+    assert!(
+        applies(g),
+        "direct_conv::conv2d_backward_weight on an unsupported geometry {g:?}"
+    );
+    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.h * g.w);
+    assert_eq!(x.len(), g.n * in_image, "dL/dw input length");
+    assert_eq!(dy.len(), g.n * out_image, "dL/dw output-gradient length");
+    let weights = g.c_out * g.c_in * 9;
+    let per_task = g.n.div_ceil(parts.max(1)).max(1);
+    let vectors = g.h * g.w / LANES;
+    let per_pass = WEIGHT_PASS_VECTORS.div_ceil(vectors).min(per_task);
+    let sums: Vec<Vec<f32>> = x
+        .par_chunks(per_task * in_image)
+        .zip(dy.par_chunks(per_task * out_image))
+        .map(|(xs, dys)| {
+            let mut lanes = vec![0.0f32; weights * LANES];
+            let mut padded: Vec<Padded> = (0..per_pass).map(|_| Padded::new(g)).collect();
+            for (xs, dys) in xs
+                .chunks(per_pass * in_image)
+                .zip(dys.chunks(per_pass * out_image))
+            {
+                let images = xs.len() / in_image;
+                for (p, x) in padded.iter_mut().zip(xs.chunks_exact(in_image)) {
+                    p.fill(g, x);
+                }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `applies` checked that the CPU has AVX-512F; the first `images`
+                // entries of `padded` hold the images of `dys` in the layout `Layout::of(g)`,
+                // and `lanes` has 16 entries per weight.
+                unsafe {
+                    avx512::weight_grad(g, &padded[..images], dys, &mut lanes)
+                };
+            }
+            lanes
+                .chunks_exact(LANES)
+                .map(|l| l.iter().fold(0.0, |a, &b| a + b))
+                .collect()
+        })
+        .collect();
+    let mut sums = sums.into_iter();
+    let mut dw = sums.next().unwrap_or_else(|| vec![0.0; weights]);
+    for part in sums {
+        dw.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
+    dw
 }
 
 /// One image with a zero border: `[C_in][H + 2][row]` after one zero entry (and one more at
@@ -132,19 +196,19 @@ impl Padded {
     }
 }
 
-/// The first output channel of each block of [`OUT_BLOCK`] channels, then of each channel
+/// The first channel of each block of `size` channels out of `count`, then of each channel
 /// left over, with whether it starts a full block.
-fn channel_blocks(c_out: usize) -> impl Iterator<Item = (usize, bool)> {
-    let full = c_out / OUT_BLOCK * OUT_BLOCK;
+fn blocks(count: usize, size: usize) -> impl Iterator<Item = (usize, bool)> {
+    let full = count / size * size;
     (0..full)
-        .step_by(OUT_BLOCK)
+        .step_by(size)
         .map(|o| (o, true))
-        .chain((full..c_out).map(|o| (o, false)))
+        .chain((full..count).map(|o| (o, false)))
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{channel_blocks, ConvGeom, Layout, LANES, OUT_BLOCK};
+    use super::{blocks, ConvGeom, Layout, LANES, OUT_BLOCK};
     use std::arch::x86_64::*;
 
     /// One image: `xp` the [`super::Padded`] image, `y` `[C_out][H][W]`. Rows of 32 pixels
@@ -155,7 +219,7 @@ mod avx512 {
     /// The CPU must have AVX-512F; `xp`, `w` and `y` must have the lengths of `g`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn image(g: &ConvGeom, xp: &[f32], w: &[f32], y: &mut [f32]) {
-        for (o, full) in channel_blocks(g.c_out) {
+        for (o, full) in blocks(g.c_out, OUT_BLOCK) {
             match (g.w, full) {
                 (32, true) => rows::<OUT_BLOCK, 1, 2>(g, xp, w, y, o),
                 (32, false) => rows::<1, 1, 2>(g, xp, w, y, o),
@@ -163,6 +227,89 @@ mod avx512 {
                 (16, false) => rows::<1, 2, 1>(g, xp, w, y, o),
                 (_, true) => rows8::<OUT_BLOCK>(g, xp, w, y, o),
                 (_, false) => rows8::<1>(g, xp, w, y, o),
+            }
+        }
+    }
+
+    /// Output channels one dL/dw pass accumulates.
+    const WEIGHT_OUTS: usize = 4;
+    /// Input channels one dL/dw pass accumulates.
+    const WEIGHT_INS: usize = 2;
+
+    /// Adds the dL/dw of a few images (`xps` their [`super::Padded`] copies, `dys` their
+    /// `[C_out][H][W]` gradients back to back) to `lanes` (16 lane partial sums per weight,
+    /// `[C_out][C_in][3][3][16]`), in passes of [`WEIGHT_OUTS`] output channels, [`WEIGHT_INS`]
+    /// input channels and one kernel row `u`: 24 accumulators that stay in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `xps` must hold the images of `dys` in the layout
+    /// `Layout::of(g)` and `lanes` must have `16·C_out·C_in·9` entries.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weight_grad(g: &ConvGeom, xps: &[super::Padded], dys: &[f32], lanes: &mut [f32]) {
+        for (o, o_full) in blocks(g.c_out, WEIGHT_OUTS) {
+            for (c, c_full) in blocks(g.c_in, WEIGHT_INS) {
+                for u in 0..3 {
+                    match (o_full, c_full) {
+                        (true, true) => {
+                            weight_pass::<WEIGHT_OUTS, WEIGHT_INS>(g, xps, dys, lanes, (o, c, u))
+                        }
+                        (true, false) => {
+                            weight_pass::<WEIGHT_OUTS, 1>(g, xps, dys, lanes, (o, c, u))
+                        }
+                        (false, true) => {
+                            weight_pass::<1, WEIGHT_INS>(g, xps, dys, lanes, (o, c, u))
+                        }
+                        (false, false) => weight_pass::<1, 1>(g, xps, dys, lanes, (o, c, u)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One dL/dw pass: output channels `o0..o0 + OUTS`, input channels `c0..c0 + INS`, kernel
+    /// row `u`, over every output vector of every image. Output vector `p` covers the 16 pixels
+    /// from `16·p` on: part of a row of 32, a row of 16, or two rows of 8, whose input taps
+    /// are loaded as in the forward kernels (masked for rows of 8).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weight_pass<const OUTS: usize, const INS: usize>(
+        g: &ConvGeom,
+        xps: &[super::Padded],
+        dys: &[f32],
+        lanes: &mut [f32],
+        (o0, c0, u): (usize, usize, usize),
+    ) {
+        let masks: [__mmask16; 3] = if g.w == LANES / 2 {
+            [0xfefe, 0xffff, 0x7f7f]
+        } else {
+            [0xffff; 3]
+        };
+        let (layout, pixels) = (Layout::of(g), g.h * g.w);
+        let mut acc = [[[_mm512_setzero_ps(); 3]; INS]; OUTS];
+        for (xp, dy) in xps.iter().zip(dys.chunks_exact(g.c_out * pixels)) {
+            let (xp, dy) = (xp.data.as_ptr(), dy.as_ptr());
+            for first in (0..pixels).step_by(LANES) {
+                let (i, j) = (first / g.w, first % g.w);
+                let grads: [__m512; OUTS] =
+                    std::array::from_fn(|o| _mm512_loadu_ps(dy.add((o0 + o) * pixels + first)));
+                for c in 0..INS {
+                    for (v, &mask) in masks.iter().enumerate() {
+                        let input =
+                            _mm512_maskz_loadu_ps(mask, xp.add(layout.tap(c0 + c, i + u, v) + j));
+                        for (sums, &grad) in acc.iter_mut().zip(&grads) {
+                            sums[c][v] = _mm512_fmadd_ps(grad, input, sums[c][v]);
+                        }
+                    }
+                }
+            }
+        }
+        let lanes = lanes.as_mut_ptr();
+        for (o, sums) in acc.iter().enumerate() {
+            for (c, taps) in sums.iter().enumerate() {
+                for (v, &sum) in taps.iter().enumerate() {
+                    let at = ((((o0 + o) * g.c_in + c0 + c) * 3 + u) * 3 + v) * LANES;
+                    let total = _mm512_add_ps(_mm512_loadu_ps(lanes.add(at)), sum);
+                    _mm512_storeu_ps(lanes.add(at), total);
+                }
             }
         }
     }
@@ -339,6 +486,83 @@ mod tests {
             conv2d(&g, &x, &k, &mut y);
             let bound = 2.0 * f32::EPSILON as f64 * (9 * c_in) as f64;
             for (a, b) in y.iter().zip(reference(&g, &x, &k)) {
+                assert!(
+                    (*a as f64 - b).abs() <= bound * b.abs().max(1.0),
+                    "{g:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// dL/dw by its definition in f64.
+    fn weight_reference(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f64> {
+        let mut dw = vec![0.0; g.c_out * g.c_in * 9];
+        for n in 0..g.n {
+            for o in 0..g.c_out {
+                for c in 0..g.c_in {
+                    for u in 0..3 {
+                        for v in 0..3 {
+                            let mut sum = 0.0;
+                            for i in 0..g.h {
+                                for j in 0..g.w {
+                                    let (a, b) = ((i + u) as isize - 1, (j + v) as isize - 1);
+                                    if a < 0 || b < 0 || a >= g.h as isize || b >= g.w as isize {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((n * g.c_in + c) * g.h + a as usize) * g.w + b as usize;
+                                    let yi = ((n * g.c_out + o) * g.h + i) * g.w + j;
+                                    sum += dy[yi] as f64 * x[xi] as f64;
+                                }
+                            }
+                            dw[((o * g.c_in + c) * 3 + u) * 3 + v] += sum;
+                        }
+                    }
+                }
+            }
+        }
+        dw
+    }
+
+    /// Every row width, full and partial channel blocks on both sides (3 input channels: the
+    /// stem; 5 and 3 output channels), batches that leave a short last pass, one and two parts:
+    /// the kernel equals the definition to f32 rounding of sums of this length.
+    #[test]
+    fn direct_weight_gradient_matches_the_definition() {
+        if !has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for &(n, c_in, c_out, h, w, parts) in &[
+            (3, 16, 16, 32, 32, 2),
+            (2, 3, 16, 32, 32, 1),
+            (5, 32, 32, 16, 16, 2),
+            (1, 8, 5, 4, 16, 2),
+            (4, 7, 8, 2, 32, 3),
+            (19, 64, 64, 8, 8, 2),
+            (2, 24, 3, 12, 8, 1),
+        ] {
+            let g = ConvGeom {
+                n,
+                c_in,
+                h,
+                w,
+                c_out,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                padding: 1,
+            };
+            let x: Vec<f32> = (0..n * c_in * h * w)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let dy: Vec<f32> = (0..n * c_out * h * w)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let dw = conv2d_backward_weight(&g, &x, &dy, parts);
+            let bound = 2.0 * f32::EPSILON as f64 * (n * h * w) as f64;
+            for (a, b) in dw.iter().zip(weight_reference(&g, &x, &dy)) {
                 assert!(
                     (*a as f64 - b).abs() <= bound * b.abs().max(1.0),
                     "{g:?}: {a} vs {b}"
