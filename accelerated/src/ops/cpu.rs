@@ -4,7 +4,7 @@
 
 use candle_core::{bail, Device, Result, Storage, StorageRef, Tensor};
 
-use super::cpu_kernels::{self as k, ConvGeom, Real};
+use super::cpu_kernels::{self as k, ConvGeom, Real, Uninit};
 use super::BnSaved;
 
 /// Read access to the host data of a contiguous CPU tensor.
@@ -82,12 +82,16 @@ fn geometry(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Con
 /// See [`super::stock::conv2d`].
 pub fn conv2d<T: Real>(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let g = geometry(x, w, stride, padding)?;
-    let mut y = vec![T::zero(); g.n * g.c_out * g.out_h() * g.out_w()];
+    let mut y = Uninit::<T>::new(g.n * g.c_out * g.out_h() * g.out_w());
     with2(x, w, |x, w| {
-        k::conv2d(&g, x, w, &mut y);
+        k::conv2d(&g, x, w, y.slots());
         Ok(())
     })?;
-    tensor(y, &[g.n, g.c_out, g.out_h(), g.out_w()])
+    // SAFETY: `conv2d` writes every element of its output.
+    tensor(
+        unsafe { y.written() },
+        &[g.n, g.c_out, g.out_h(), g.out_w()],
+    )
 }
 
 /// See [`super::stock::conv2d_backward`].
@@ -100,11 +104,13 @@ pub fn conv2d_backward<T: Real>(
 ) -> Result<(Tensor, Tensor)> {
     let g = geometry(x, w, stride, padding)?;
     check_grad(&g, grad)?;
-    let mut dx = vec![T::zero(); g.n * g.c_in * g.h * g.w];
+    let mut dx = Uninit::<T>::new(g.n * g.c_in * g.h * g.w);
     let dw = with2(w, grad, |w, dy| {
-        k::conv2d_backward_input(&g, w, dy, &mut dx);
+        k::conv2d_backward_input(&g, w, dy, dx.slots());
         with(x, |x| Ok(k::conv2d_backward_weight(&g, x, dy)))
     })?;
+    // SAFETY: `conv2d_backward_input` writes every element of its output.
+    let dx = unsafe { dx.written() };
     Ok((tensor(dx, x.dims())?, tensor(dw, w.dims())?))
 }
 
@@ -118,12 +124,13 @@ pub fn conv2d_backward_input<T: Real>(
 ) -> Result<Tensor> {
     let g = geometry(x, w, stride, padding)?;
     check_grad(&g, grad)?;
-    let mut dx = vec![T::zero(); g.n * g.c_in * g.h * g.w];
+    let mut dx = Uninit::<T>::new(g.n * g.c_in * g.h * g.w);
     with2(w, grad, |w, dy| {
-        k::conv2d_backward_input(&g, w, dy, &mut dx);
+        k::conv2d_backward_input(&g, w, dy, dx.slots());
         Ok(())
     })?;
-    tensor(dx, x.dims())
+    // SAFETY: `conv2d_backward_input` writes every element of its output.
+    tensor(unsafe { dx.written() }, x.dims())
 }
 
 fn check_grad(g: &ConvGeom, grad: &Tensor) -> Result<()> {
@@ -170,9 +177,9 @@ pub fn batch_norm<T: Real>(
         .collect();
     let (mean_t, inv_std_t) = (to_real::<T>(&mean), to_real::<T>(&inv_std));
     let len = xs.len();
-    let mut x_hat = train.then(|| vec![T::zero(); len]);
-    let mut y = keep_y.then(|| vec![T::zero(); len]);
-    let mut z = relu.then(|| vec![T::zero(); len]);
+    let mut x_hat = train.then(|| Uninit::<T>::new(len));
+    let mut y = keep_y.then(|| Uninit::<T>::new(len));
+    let mut z = relu.then(|| Uninit::<T>::new(len));
     with2(gamma, beta, |gamma, beta| {
         k::batch_norm_apply(
             xs,
@@ -182,15 +189,16 @@ pub fn batch_norm<T: Real>(
             beta,
             h * w,
             k::BnOutputs {
-                x_hat: x_hat.as_deref_mut(),
-                y: y.as_deref_mut(),
-                relu: z.as_deref_mut(),
+                x_hat: x_hat.as_mut().map(Uninit::slots),
+                y: y.as_mut().map(Uninit::slots),
+                relu: z.as_mut().map(Uninit::slots),
             },
         );
         Ok(())
     })?;
     let dims = x.dims();
-    let wrap = |v: Option<Vec<T>>| v.map(|v| tensor(v, dims)).transpose();
+    // SAFETY: `batch_norm_apply` writes every element of each output it is given.
+    let wrap = |v: Option<Uninit<T>>| v.map(|v| tensor(unsafe { v.written() }, dims)).transpose();
     let mean_t = tensor(mean_t, &[c])?;
     let saved = BnSaved {
         x_hat: wrap(x_hat)?,
@@ -208,14 +216,15 @@ pub fn batch_norm<T: Real>(
 /// See [`BnSaved::x_hat`]: `(x − mean_c)·inv_std_c`, the values [`batch_norm`] writes.
 pub fn batch_norm_x_hat<T: Real>(saved: &BnSaved) -> Result<Tensor> {
     let (_, _, h, w) = saved.input.dims4()?;
-    let mut x_hat = vec![T::zero(); saved.input.elem_count()];
+    let mut x_hat = Uninit::<T>::new(saved.input.elem_count());
     with2(&saved.input, &saved.mean, |x, mean| {
         with(&saved.inv_std, |inv_std| {
-            k::batch_norm_x_hat(x, mean, inv_std, h * w, &mut x_hat);
+            k::batch_norm_x_hat(x, mean, inv_std, h * w, x_hat.slots());
             Ok(())
         })
     })?;
-    tensor(x_hat, saved.input.dims())
+    // SAFETY: `batch_norm_x_hat` writes every element of its output.
+    tensor(unsafe { x_hat.written() }, saved.input.dims())
 }
 
 /// [`super::batch_norm_backward`] (`params`) and [`super::batch_norm_backward_input`], of the
@@ -263,10 +272,11 @@ pub fn batch_norm_backward<T: Real>(
             ),
             _ => (vec![T::zero(); c], vec![T::zero(); c]),
         };
-        let mut dx = vec![T::zero(); g.len()];
+        let mut dx = Uninit::<T>::new(g.len());
         let dx_x_hat = if train { x_hat } else { None };
-        k::batch_norm_backward_input(grad, dx_x_hat, &scale, (&a, &b), h * w, &mut dx);
-        Ok((dx, sums))
+        k::batch_norm_backward_input(grad, dx_x_hat, &scale, (&a, &b), h * w, dx.slots());
+        // SAFETY: `batch_norm_backward_input` writes every element of its output.
+        Ok((unsafe { dx.written() }, sums))
     })?;
     let params = match sums.filter(|_| params) {
         Some((sum_g, sum_gx)) => Some((
@@ -287,22 +297,24 @@ pub fn relu_backward<T: Real>(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
             grad.dims()
         );
     }
-    let mut dx = vec![T::zero(); x.elem_count()];
+    let mut dx = Uninit::<T>::new(x.elem_count());
     with2(x, grad, |x, g| {
-        k::relu_backward(x, g, &mut dx);
+        k::relu_backward(x, g, dx.slots());
         Ok(())
     })?;
-    tensor(dx, x.dims())
+    // SAFETY: `relu_backward` writes every element of its output.
+    tensor(unsafe { dx.written() }, x.dims())
 }
 
 /// See [`super::relu`].
 pub fn relu<T: Real>(x: &Tensor) -> Result<Tensor> {
-    let mut out = vec![T::zero(); x.elem_count()];
+    let mut out = Uninit::<T>::new(x.elem_count());
     with(x, |x| {
-        k::relu(x, &mut out);
+        k::relu(x, out.slots());
         Ok(())
     })?;
-    tensor(out, x.dims())
+    // SAFETY: `relu` writes every element of its output.
+    tensor(unsafe { out.written() }, x.dims())
 }
 
 /// See [`super::add_relu`].
@@ -311,12 +323,14 @@ pub fn add_relu<T: Real>(a: &Tensor, b: &Tensor, relu: bool) -> Result<(Tensor, 
         bail!("add: {:?} + {:?}", a.dims(), b.dims());
     }
     let len = a.elem_count();
-    let mut sum = vec![T::zero(); len];
-    let mut z = relu.then(|| vec![T::zero(); len]);
+    let mut sum = Uninit::<T>::new(len);
+    let mut z = relu.then(|| Uninit::<T>::new(len));
     with2(a, b, |a, b| {
-        k::add_relu(a, b, &mut sum, z.as_deref_mut());
+        k::add_relu(a, b, sum.slots(), z.as_mut().map(Uninit::slots));
         Ok(())
     })?;
+    // SAFETY: `add_relu` writes every element of each output it is given.
+    let (sum, z) = unsafe { (sum.written(), z.map(|z| z.written())) };
     Ok((
         tensor(sum, a.dims())?,
         z.map(|z| tensor(z, a.dims())).transpose()?,
@@ -399,14 +413,15 @@ pub fn separable<T: Real>(x: &Tensor, left: &Tensor, right: &Tensor) -> Result<T
             right.dims()
         );
     }
-    let mut y = vec![T::zero(); x.elem_count()];
+    let mut y = Uninit::<T>::new(x.elem_count());
     with2(x, left, |x, l| {
         with(right, |r| {
-            k::separable(x, l, r, (h, w), &mut y);
+            k::separable(x, l, r, (h, w), y.slots());
             Ok(())
         })
     })?;
-    tensor(y, &[n, c, h, w])
+    // SAFETY: `separable` writes every element of its output.
+    tensor(unsafe { y.written() }, &[n, c, h, w])
 }
 
 #[cfg(test)]

@@ -21,12 +21,18 @@ use super::direct_conv;
 use candle_core::WithDType;
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The element types the CPU kernels run on: f32 and f64 (what `gemm` and the engine support).
 pub trait Real: WithDType {
     /// Computes [`conv2d`] with a kernel of this type's own when it has one for this geometry
     /// and CPU (f32: [`direct_conv`]); `false` leaves `y` untouched for im2col + GEMM.
-    fn direct_conv2d(_g: &ConvGeom, _x: &[Self], _w: &[Self], _y: &mut [Self]) -> bool {
+    fn direct_conv2d(
+        _g: &ConvGeom,
+        _x: &[Self],
+        _w: &[Self],
+        _y: &mut [MaybeUninit<Self>],
+    ) -> bool {
         false
     }
 
@@ -43,7 +49,7 @@ pub trait Real: WithDType {
 }
 
 impl Real for f32 {
-    fn direct_conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) -> bool {
+    fn direct_conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
         let applies = direct_conv::applies(g);
         if applies {
             direct_conv::conv2d(g, x, w, y);
@@ -65,6 +71,49 @@ impl Real for f64 {}
 
 /// Elements below which an elementwise pass is not split across threads.
 const MIN_PARALLEL_ELEMS: usize = 1 << 14;
+
+/// A kernel's output buffer, allocated but not written: the kernels write their outputs in
+/// parallel, each task first zeroing its own chunk ([`init`]) where it needs initialised
+/// values, where `vec![0; len]` of a batch's feature map was one thread's memset of memory the
+/// kernel then wrote again (about a tenth of an EIO iteration, with the other core idle).
+pub struct Uninit<T> {
+    data: Vec<T>,
+    len: usize,
+}
+
+impl<T: Real> Uninit<T> {
+    /// Room for `len` elements.
+    pub fn new(len: usize) -> Self {
+        Uninit {
+            data: Vec::with_capacity(len),
+            len,
+        }
+    }
+
+    /// The `len` elements, for a kernel to write.
+    pub fn slots(&mut self) -> &mut [MaybeUninit<T>] {
+        &mut self.data.spare_capacity_mut()[..self.len]
+    }
+
+    /// The written elements.
+    ///
+    /// # Safety
+    /// A kernel must have written every element of [`Self::slots`].
+    pub unsafe fn written(mut self) -> Vec<T> {
+        // SAFETY: the capacity is at least `len`, and the caller's kernel initialised all `len`
+        // elements.
+        unsafe { self.data.set_len(self.len) };
+        self.data
+    }
+}
+
+/// A task's chunk of a kernel's output, zeroed and as initialised values: the chunk is small
+/// (a map or a few thousand elements), so the zeroes go to cache just before the kernel's values.
+pub fn init<T: Real>(out: &mut [MaybeUninit<T>]) -> &mut [T] {
+    out.fill(MaybeUninit::new(T::zero()));
+    // SAFETY: every element was just initialised, and `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) }
+}
 
 /// Smallest number of `block`-long chunks one rayon task takes, so tasks have at least
 /// [`MIN_PARALLEL_ELEMS`] elements.
@@ -416,7 +465,7 @@ impl<T: Real> Cols<T> {
 /// Convolution forward into `y` (`[N, C_out, Ho, Wo]`): the type's direct kernel where it has
 /// one ([`Real::direct_conv2d`]: f32 3x3 stride-1 convolutions of 8-, 16- and 32-pixel rows on
 /// AVX-512 CPUs), else [`conv2d_im2col`].
-pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
+pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [MaybeUninit<T>]) {
     if T::direct_conv2d(g, x, w, y) {
         return;
     }
@@ -425,7 +474,7 @@ pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
 
 /// [`conv2d`] by im2col + GEMM: `Y = W · [cols(X_1) … cols(X_c)]` for each chunk of images
 /// (see [`images_per_chunk`]); one range of images per thread.
-fn conv2d_im2col<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
+fn conv2d_im2col<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [MaybeUninit<T>]) {
     let k = g.k();
     let split = Split::new::<T>(g, rayon::current_num_threads());
     y.par_chunks_mut(split.per_task * g.out_image())
@@ -439,6 +488,7 @@ fn conv2d_im2col<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [T]) {
             {
                 let width = xs.len() / g.in_image() * g.out_pixels();
                 let cols = cols.fill(g, xs);
+                let ys = init(ys);
                 // One image: its `[C_out, Ho·Wo]` output is the GEMM's destination as it is.
                 let single = ys.len() == g.out_image();
                 let dst = if single { &mut *ys } else { &mut out[..] };
@@ -490,7 +540,7 @@ fn flip_transpose<T: Real>(g: &ConvGeom, w: &[T]) -> Vec<T> {
 /// pass. Any other convolution (strided, 1x1 shortcuts) takes `[dCols_1 … dCols_c] = Wᵀ ·
 /// [dY_1 … dY_c]` for each chunk of images, then `dX_i = col2im(dCols_i)`; one range of images
 /// per thread.
-pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut [T]) {
+pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut [MaybeUninit<T>]) {
     if let Some(transposed) = backward_input_as_conv(g) {
         return conv2d(&transposed, dy, &flip_transpose(g, w), dx);
     }
@@ -517,7 +567,7 @@ pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut 
                     dy,
                     (width, 1),
                 );
-                for (i, dx_i) in dxs.chunks_mut(g.in_image()).enumerate() {
+                for (i, dx_i) in init(dxs).chunks_mut(g.in_image()).enumerate() {
                     let at = Block {
                         width,
                         offset: i * g.out_pixels(),
@@ -627,7 +677,11 @@ pub fn batch_stats<T: Real>(x: &[T], c: usize, hw: usize) -> (Vec<f64>, Vec<f64>
 
 /// One `hw`-long block of each optional output of a per-block pass, `None` for every block
 /// when the output is not wanted.
-fn blocks_mut<T>(out: Option<&mut [T]>, hw: usize, count: usize) -> Vec<Option<&mut [T]>> {
+fn blocks_mut<T>(
+    out: Option<&mut [MaybeUninit<T>]>,
+    hw: usize,
+    count: usize,
+) -> Vec<Option<&mut [MaybeUninit<T>]>> {
     match out {
         Some(out) => out.chunks_mut(hw.max(1)).map(Some).collect(),
         None => (0..count).map(|_| None).collect(),
@@ -637,11 +691,11 @@ fn blocks_mut<T>(out: Option<&mut [T]>, hw: usize, count: usize) -> Vec<Option<&
 /// The outputs of one BatchNorm forward pass over `[N, C, hw]` maps ([`batch_norm_apply`]).
 pub struct BnOutputs<'a, T> {
     /// `x̂ = (x − mean_c)·inv_std_c`, when a backward pass will read it (train mode).
-    pub x_hat: Option<&'a mut [T]>,
+    pub x_hat: Option<&'a mut [MaybeUninit<T>]>,
     /// `y = γ_c·x̂ + β_c`, when it is kept (a traced pass), else only `relu` is written.
-    pub y: Option<&'a mut [T]>,
+    pub y: Option<&'a mut [MaybeUninit<T>]>,
     /// `max(y, 0)`, when a ReLU follows (the fused BatchNorm + ReLU of a traced or eval pass).
-    pub relu: Option<&'a mut [T]>,
+    pub relu: Option<&'a mut [MaybeUninit<T>]>,
 }
 
 /// BatchNorm's affine normalisation of `x` (`[N, C, hw]`), fused with the ReLU that follows
@@ -668,13 +722,14 @@ pub fn batch_norm_apply<T: Real>(
         .zip(relu)
         .with_min_len(min_blocks(hw))
         .enumerate()
-        .for_each(|(block, (((x, mut xh), mut y), mut relu))| {
+        .for_each(|(block, (((x, xh), y), relu))| {
+            let (xh, y, relu) = (xh.map(init), y.map(init), relu.map(init));
             let ch = block % c;
             let (m, s, g, b) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
             let norm = |x: T| (x - m) * s;
             let affine = |h: T| h * g + b;
             // One loop per combination of outputs, so each vectorises.
-            match (xh.as_deref_mut(), y.as_deref_mut(), relu.as_deref_mut()) {
+            match (xh, y, relu) {
                 (Some(xh), Some(y), r) => {
                     for ((xh, y), &x) in xh.iter_mut().zip(y.iter_mut()).zip(x) {
                         *xh = norm(x);
@@ -710,7 +765,13 @@ pub fn batch_norm_apply<T: Real>(
 
 /// `x̂ = (x − mean_c)·inv_std_c` over `[N, C, hw]` maps: the same values [`batch_norm_apply`]
 /// writes, for a backward pass of an eval-mode BatchNorm that did not keep them.
-pub fn batch_norm_x_hat<T: Real>(x: &[T], mean: &[T], inv_std: &[T], hw: usize, x_hat: &mut [T]) {
+pub fn batch_norm_x_hat<T: Real>(
+    x: &[T],
+    mean: &[T],
+    inv_std: &[T],
+    hw: usize,
+    x_hat: &mut [MaybeUninit<T>],
+) {
     let c = mean.len();
     x_hat
         .par_chunks_mut(hw.max(1))
@@ -720,7 +781,7 @@ pub fn batch_norm_x_hat<T: Real>(x: &[T], mean: &[T], inv_std: &[T], hw: usize, 
         .for_each(|(block, (xh, x))| {
             let ch = block % c;
             let (m, s) = (mean[ch], inv_std[ch]);
-            for (xh, &x) in xh.iter_mut().zip(x) {
+            for (xh, &x) in init(xh).iter_mut().zip(x) {
                 *xh = (x - m) * s;
             }
         });
@@ -829,13 +890,14 @@ pub fn batch_norm_backward_input<T: Real>(
     scale: &[T],
     (a, b): (&[T], &[T]),
     hw: usize,
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
 ) {
     let c = scale.len();
     dx.par_chunks_mut(hw.max(1))
         .with_min_len(min_blocks(hw))
         .enumerate()
         .for_each(|(block, dx)| {
+            let dx = init(dx);
             let ch = block % c;
             let at = block * hw;
             let (g, mask) = grad.block(at, hw);
@@ -882,37 +944,43 @@ fn relu_into<T: Real>(x: &[T], out: &mut [T]) {
 }
 
 /// ReLU forward in one parallel pass: `out = max(x, 0)`.
-pub fn relu<T: Real>(x: &[T], out: &mut [T]) {
+pub fn relu<T: Real>(x: &[T], out: &mut [MaybeUninit<T>]) {
     out.par_chunks_mut(MIN_PARALLEL_ELEMS)
         .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
-        .for_each(|(o, x)| relu_into(x, o));
+        .for_each(|(o, x)| relu_into(x, init(o)));
 }
 
 /// `sum = a + b` and, when asked for, `relu = max(a + b, 0)`, in one parallel pass (a residual
 /// add and the ReLU after it).
-pub fn add_relu<T: Real>(a: &[T], b: &[T], sum: &mut [T], relu: Option<&mut [T]>) {
+pub fn add_relu<T: Real>(
+    a: &[T],
+    b: &[T],
+    sum: &mut [MaybeUninit<T>],
+    relu: Option<&mut [MaybeUninit<T>]>,
+) {
     let blocks = sum.len().div_ceil(MIN_PARALLEL_ELEMS);
     sum.par_chunks_mut(MIN_PARALLEL_ELEMS)
         .zip(a.par_chunks(MIN_PARALLEL_ELEMS))
         .zip(b.par_chunks(MIN_PARALLEL_ELEMS))
         .zip(blocks_mut(relu, MIN_PARALLEL_ELEMS, blocks))
         .for_each(|(((s, a), b), r)| {
+            let s = init(s);
             for ((s, &a), &b) in s.iter_mut().zip(a).zip(b) {
                 *s = a + b;
             }
             if let Some(r) = r {
-                relu_into(s, r);
+                relu_into(s, init(r));
             }
         });
 }
 
 /// ReLU dL/dx in one pass: `dx = g` where `x > 0`, else 0.
-pub fn relu_backward<T: Real>(x: &[T], grad: &[T], dx: &mut [T]) {
+pub fn relu_backward<T: Real>(x: &[T], grad: &[T], dx: &mut [MaybeUninit<T>]) {
     dx.par_chunks_mut(MIN_PARALLEL_ELEMS)
         .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
         .zip(grad.par_chunks(MIN_PARALLEL_ELEMS))
         .for_each(|((dx, x), g)| {
-            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            for ((dx, &x), &g) in init(dx).iter_mut().zip(x).zip(g) {
                 *dx = if x > T::zero() { g } else { T::zero() };
             }
         });
@@ -977,7 +1045,13 @@ pub fn linear_backward<T: Real>(
 /// `y_p = L · x_p · Rᵀ` for every `[H, W]` plane p of `x` (`L` `[H, H]`, `R` `[W, W]`, all
 /// row-major), into `y` (same shape as `x`): two single-threaded GEMMs per plane
 /// (`t = x_p · Rᵀ`, then `y_p = L · t`), the planes in parallel.
-pub fn separable<T: Real>(x: &[T], left: &[T], right: &[T], (h, w): (usize, usize), y: &mut [T]) {
+pub fn separable<T: Real>(
+    x: &[T],
+    left: &[T],
+    right: &[T],
+    (h, w): (usize, usize),
+    y: &mut [MaybeUninit<T>],
+) {
     let plane = h * w;
     y.par_chunks_mut(plane.max(1))
         .zip(x.par_chunks(plane.max(1)))
@@ -986,7 +1060,7 @@ pub fn separable<T: Real>(x: &[T], left: &[T], right: &[T], (h, w): (usize, usiz
             || vec![T::zero(); plane],
             |t, (y, x)| {
                 gemm_into((h, w, w), t, false, x, (w, 1), right, (1, w));
-                gemm_into((h, w, h), y, false, left, (h, 1), t, (w, 1));
+                gemm_into((h, w, h), init(y), false, left, (h, 1), t, (w, 1));
             },
         );
 }

@@ -19,6 +19,7 @@
 
 use super::cpu_kernels::ConvGeom;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Output channels one register block accumulates (16 accumulators of 16 lanes).
 const OUT_BLOCK: usize = 8;
@@ -47,7 +48,7 @@ fn has_avx512() -> bool {
 
 /// The convolution `y = conv(x, w)` (`[N, C_in, H, W] * [C_out, C_in, 3, 3]`, output
 /// `[N, C_out, H, W]`); `g` must satisfy [`applies`]. One range of images per thread.
-pub fn conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
+pub fn conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {
     assert!(
         applies(g),
         "direct_conv::conv2d on an unsupported geometry {g:?}"
@@ -210,15 +211,17 @@ fn blocks(count: usize, size: usize) -> impl Iterator<Item = (usize, bool)> {
 mod avx512 {
     use super::{blocks, ConvGeom, Layout, LANES, OUT_BLOCK};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
-    /// One image: `xp` the [`super::Padded`] image, `y` `[C_out][H][W]`. Rows of 32 pixels
+    /// One image: `xp` the [`super::Padded`] image, `y` `[C_out][H][W]` (every element written). Rows of 32 pixels
     /// are two vectors, one row at a time; rows of 16 one vector, two rows at a time; rows of 8
     /// half a vector, four rows (two vectors) at a time.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `xp`, `w` and `y` must have the lengths of `g`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn image(g: &ConvGeom, xp: &[f32], w: &[f32], y: &mut [f32]) {
+    pub unsafe fn image(g: &ConvGeom, xp: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {
+        let y = y.as_mut_ptr().cast::<f32>();
         for (o, full) in blocks(g.c_out, OUT_BLOCK) {
             match (g.w, full) {
                 (32, true) => rows::<OUT_BLOCK, 1, 2>(g, xp, w, y, o),
@@ -323,13 +326,13 @@ mod avx512 {
         g: &ConvGeom,
         xp: &[f32],
         w: &[f32],
-        y: &mut [f32],
+        y: *mut f32,
         o0: usize,
     ) {
         // Lanes 0 and 8 are column 0 of a row, lanes 7 and 15 column 7.
         const MASKS: [__mmask16; 3] = [0xfefe, 0xffff, 0x7f7f];
         let (layout, taps) = (Layout::of(g), g.c_in * 9);
-        let (xp, w, y) = (xp.as_ptr(), w.as_ptr(), y.as_mut_ptr());
+        let (xp, w) = (xp.as_ptr(), w.as_ptr());
         for i0 in (0..g.h).step_by(4) {
             let mut acc = [[_mm512_setzero_ps(); 2]; OUTS];
             for c in 0..g.c_in {
@@ -366,11 +369,11 @@ mod avx512 {
         g: &ConvGeom,
         xp: &[f32],
         w: &[f32],
-        y: &mut [f32],
+        y: *mut f32,
         o0: usize,
     ) {
         let (layout, taps) = (Layout::of(g), g.c_in * 9);
-        let (xp, w, y) = (xp.as_ptr(), w.as_ptr(), y.as_mut_ptr());
+        let (xp, w) = (xp.as_ptr(), w.as_ptr());
         for i0 in (0..g.h).step_by(ROWS) {
             let mut acc = [[[_mm512_setzero_ps(); VECS]; ROWS]; OUTS];
             for c in 0..g.c_in {
@@ -482,8 +485,11 @@ mod tests {
             let k: Vec<f32> = (0..c_out * c_in * 9)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let mut y = vec![f32::NAN; n * c_out * h * w];
+            // NaN where the kernel would leave an element unwritten.
+            let mut y = vec![MaybeUninit::new(f32::NAN); n * c_out * h * w];
             conv2d(&g, &x, &k, &mut y);
+            // SAFETY: every element was initialised (to NaN) before the kernel ran.
+            let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
             let bound = 2.0 * f32::EPSILON as f64 * (9 * c_in) as f64;
             for (a, b) in y.iter().zip(reference(&g, &x, &k)) {
                 assert!(
