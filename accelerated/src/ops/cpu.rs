@@ -760,25 +760,27 @@ mod tests {
     /// chunk order, so 1, 2 and 3 threads give the same bits.
     #[test]
     fn conv_results_do_not_depend_on_the_thread_count() {
-        // 7x7: im2col + GEMM; 16x16 and 8x8: the direct kernel where the CPU has AVX-512.
-        for size in [7, 16, 8] {
-            conv_results_on_threads(size);
+        // Stride 1: the direct kernel where the CPU has AVX-512 (7x7: paired rows narrower than
+        // 8 and a partial last step), else im2col + GEMM; stride 2: im2col + GEMM everywhere.
+        for (size, stride) in [(7, 1), (16, 1), (8, 1), (9, 2)] {
+            conv_results_on_threads(size, stride);
         }
     }
 
-    fn conv_results_on_threads(size: usize) {
+    fn conv_results_on_threads(size: usize, stride: usize) {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let x = random(&[13, 5, size, size], DType::F32, &mut rng);
         let w = random(&[6, 5, 3, 3], DType::F32, &mut rng);
-        let g = random(&[13, 6, size, size], DType::F32, &mut rng);
+        let out = (size - 1) / stride + 1;
+        let g = random(&[13, 6, out, out], DType::F32, &mut rng);
         let on = |threads: usize| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .expect("thread pool")
                 .install(|| {
-                    let y = conv2d::<f32>(&x, &w, 1, 1).expect("conv");
-                    let (dx, dw) = conv2d_backward::<f32>(&x, &w, &g, 1, 1).expect("backward");
+                    let y = conv2d::<f32>(&x, &w, stride, 1).expect("conv");
+                    let (dx, dw) = conv2d_backward::<f32>(&x, &w, &g, stride, 1).expect("backward");
                     (y, dx, dw)
                 })
         };

@@ -3,7 +3,7 @@
 //! [`super::cpu`] moves tensors in and out.
 //!
 //! Convolutions are im2col + GEMM (the `gemm` crate candle itself uses), except the f32 3x3
-//! stride-1 ones of 8-, 16- and 32-pixel rows on AVX-512 CPUs, which [`super::direct_conv`]
+//! stride-1 ones of rows up to 32 pixels on AVX-512 CPUs, which [`super::direct_conv`]
 //! computes without an im2col matrix (forward, dL/dx as a forward convolution, and dL/dw). Im2col
 //! writes the convolution of image n as `Y_n = W · cols(X_n)`, where `W` is the weight viewed
 //! as `[C_out, K]`, `K = C_in·kh·kw`, and `cols(X_n)` is the `[K, Ho·Wo]` matrix of input patches (zero where a
@@ -463,7 +463,7 @@ impl<T: Real> Cols<T> {
 }
 
 /// Convolution forward into `y` (`[N, C_out, Ho, Wo]`): the type's direct kernel where it has
-/// one ([`Real::direct_conv2d`]: f32 3x3 stride-1 convolutions of 8-, 16- and 32-pixel rows on
+/// one ([`Real::direct_conv2d`]: f32 3x3 stride-1 convolutions of rows up to 32 pixels on
 /// AVX-512 CPUs), else [`conv2d_im2col`].
 pub fn conv2d<T: Real>(g: &ConvGeom, x: &[T], w: &[T], y: &mut [MaybeUninit<T>]) {
     if T::direct_conv2d(g, x, w, y) {
