@@ -564,6 +564,26 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// A 3x3 stride-1 "same" convolution of `n` images.
+    fn same_3x3(n: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> ConvGeom {
+        ConvGeom {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding: 1,
+        }
+    }
+
+    /// `len` values drawn uniformly from [-1, 1).
+    fn uniform(len: usize, rng: &mut impl Rng) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
     /// The direct sum in f64 (the definition of the convolution).
     fn reference(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
         let mut y = vec![0.0; g.n * g.c_out * g.h * g.w];
@@ -624,24 +644,10 @@ mod tests {
             (2, 3, 8, 6, 9),
             (1, 2, 8, 9, 31),
         ] {
-            let g = ConvGeom {
-                n,
-                c_in,
-                h,
-                w,
-                c_out,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                padding: 1,
-            };
+            let g = same_3x3(n, c_in, c_out, h, w);
             assert!(applies(&g));
-            let x: Vec<f32> = (0..n * c_in * h * w)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let k: Vec<f32> = (0..c_out * c_in * 9)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
+            let x = uniform(n * c_in * h * w, &mut rng);
+            let k = uniform(c_out * c_in * 9, &mut rng);
             // NaN where the kernel would leave an element unwritten.
             let mut y = vec![MaybeUninit::new(f32::NAN); n * c_out * h * w];
             conv2d(&g, &x, &k, &mut y);
@@ -715,23 +721,9 @@ mod tests {
             (4, 3, 8, 6, 9, 1),
             (1, 2, 8, 9, 31, 1),
         ] {
-            let g = ConvGeom {
-                n,
-                c_in,
-                h,
-                w,
-                c_out,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                padding: 1,
-            };
-            let x: Vec<f32> = (0..n * c_in * h * w)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let dy: Vec<f32> = (0..n * c_out * h * w)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
+            let g = same_3x3(n, c_in, c_out, h, w);
+            let x = uniform(n * c_in * h * w, &mut rng);
+            let dy = uniform(n * c_out * h * w, &mut rng);
             let dw = conv2d_backward_weight(&g, &x, &dy, parts);
             let bound = 2.0 * f32::EPSILON as f64 * (n * h * w) as f64;
             for (a, b) in dw.iter().zip(weight_reference(&g, &x, &dy)) {
@@ -745,17 +737,7 @@ mod tests {
 
     #[test]
     fn strided_wide_and_other_kernels_do_not_apply() {
-        let g = ConvGeom {
-            n: 1,
-            c_in: 1,
-            h: 32,
-            w: 32,
-            c_out: 1,
-            kh: 3,
-            kw: 3,
-            stride: 1,
-            padding: 1,
-        };
+        let g = same_3x3(1, 1, 1, 32, 32);
         assert!(!applies(&ConvGeom { w: 33, ..g }));
         assert!(!applies(&ConvGeom { h: 0, ..g }));
         assert!(!applies(&ConvGeom { stride: 2, ..g }));
