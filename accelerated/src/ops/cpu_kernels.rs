@@ -109,7 +109,7 @@ impl<T: Real> Uninit<T> {
 
 /// A task's chunk of a kernel's output, zeroed and as initialised values: the chunk is small
 /// (a map or a few thousand elements), so the zeroes go to cache just before the kernel's values.
-pub fn init<T: Real>(out: &mut [MaybeUninit<T>]) -> &mut [T] {
+fn init<T: Real>(out: &mut [MaybeUninit<T>]) -> &mut [T] {
     out.fill(MaybeUninit::new(T::zero()));
     // SAFETY: every element was just initialised, and `MaybeUninit<T>` has `T`'s layout.
     unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) }
@@ -623,16 +623,23 @@ pub fn conv2d_backward_weight<T: Real>(g: &ConvGeom, x: &[T], dy: &[T]) -> Vec<T
             dw_t
         })
         .collect();
-    let mut parts = partials.into_iter();
-    let mut dw_t = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
-    for part in parts {
-        dw_t.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
-    }
+    let dw_t = sum_in_order(partials, len);
     let mut dw = Vec::with_capacity(len);
     for co in 0..g.c_out {
         dw.extend((0..k).map(|r| dw_t[r * g.c_out + co]));
     }
     dw
+}
+
+/// The element-wise sum of the `len`-long `parts`, added in their order (zeros for none): how
+/// the batch parts of a dL/dw are joined, the same bits whichever thread finished first.
+pub fn sum_in_order<T: Real>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
+    let mut parts = parts.into_iter();
+    let mut sum = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
+    for part in parts {
+        sum.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
+    }
+    sum
 }
 
 /// Independent partial sums in the per-channel reductions: one chain of dependent f64 adds

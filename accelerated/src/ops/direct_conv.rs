@@ -19,7 +19,7 @@
 //! `dy · x` over every output vector of a group of images, then join per-weight lane partial
 //! sums that are added across lanes once, at the end.
 
-use super::cpu_kernels::ConvGeom;
+use super::cpu_kernels::{sum_in_order, ConvGeom};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -165,12 +165,7 @@ pub fn conv2d_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], parts: usize)
                 .collect()
         })
         .collect();
-    let mut sums = sums.into_iter();
-    let mut dw = sums.next().unwrap_or_else(|| vec![0.0; weights]);
-    for part in sums {
-        dw.iter_mut().zip(&part).for_each(|(a, &b)| *a += b);
-    }
-    dw
+    sum_in_order(sums, weights)
 }
 
 /// One image with a zero border: `[C_in][rows][row]` after one zero entry, where `rows` is
