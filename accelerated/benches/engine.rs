@@ -717,10 +717,13 @@ fn op_profile(
     let end = plan.logits();
 
     // Whole phases of pretrain_iteration.
+    // The training step's pass (`logits`: fused, lean); the op-by-op part below reads a full
+    // trace.
     let t_forward = median_time(device, reps, || {
-        forward(&plan, &state, &path, &batch.source, BnMode::Train, end)
+        logits(&plan, &state, &path, &batch.source, BnMode::Train)
     })?;
-    let (out, trace) = logits(&plan, &state, &path, &batch.source, BnMode::Train)?;
+    let (out, _) = logits(&plan, &state, &path, &batch.source, BnMode::Train)?;
+    let trace = forward(&plan, &state, &path, &batch.source, BnMode::Train, end)?;
     let t_ce = median_time(device, reps, || ops::cross_entropy(&out, &batch.labels))?;
     let (_, grad) = ops::cross_entropy(&out, &batch.labels)?;
     let seeds_at = [(end, grad)];
@@ -763,8 +766,8 @@ fn op_profile(
         e.1 += 1;
     };
     for (id, node) in plan.nodes[..=end].iter().enumerate() {
-        let x = |k: usize| &trace.outputs[node.inputs[k]];
-        let g = &trace.outputs[id];
+        let x = |k: usize| trace.output(node.inputs[k]);
+        let g = trace.output(id);
         match &node.op {
             Op::Input | Op::Flatten => {}
             Op::Normalize { mean, std } => {

@@ -13,7 +13,7 @@ use eio_spec::config::{BnMode, DistillConfig};
 use eio_spec::{Path, Plan};
 use rand::Rng;
 
-use crate::model::{forward, input_gradient};
+use crate::model::{forward_for_backward, input_gradient};
 use crate::ops;
 use crate::state::ModelState;
 
@@ -74,19 +74,19 @@ pub fn eq2_distill<R: Rng + ?Sized>(
     let mut sign_ties = Tensor::zeros((), candle_core::DType::F64, x_s.device())?;
     let fixed_target = match config.bn_mode {
         BnMode::Eval if config.steps > 0 => Some(
-            forward(plan, state, path, x_t, BnMode::Eval, feature)?
+            forward_for_backward(plan, state, path, x_t, BnMode::Eval, feature)?
                 .output(feature)
                 .clone(),
         ),
         _ => None,
     };
     for _ in 0..config.steps {
-        let source = forward(plan, state, path, &z, config.bn_mode, feature)?;
+        let source = forward_for_backward(plan, state, path, &z, config.bn_mode, feature)?;
         state.commit(&source);
         let target = match &fixed_target {
             Some(t) => t.clone(),
             None => {
-                let target = forward(plan, state, path, x_t, config.bn_mode, feature)?;
+                let target = forward_for_backward(plan, state, path, x_t, config.bn_mode, feature)?;
                 state.commit(&target);
                 target.output(feature).clone()
             }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use candle_core::{Result, Tensor};
 use eio_spec::attack::SkipGradient;
 use eio_spec::config::BnMode;
-use eio_spec::plan::{NodeId, Op, Plan};
+use eio_spec::plan::{BnNames, NodeId, Op, Plan};
 use eio_spec::Path;
 
 use crate::ops;
@@ -29,8 +29,9 @@ pub struct RunningUpdate {
 pub struct Trace {
     pub path: Path,
     pub mode: BnMode,
-    /// Output of every node up to the last one computed.
-    pub outputs: Vec<Tensor>,
+    /// Output of every node up to the last one computed: all of them after [`forward`]; after
+    /// [`forward_for_backward`], `None` where a fused op never wrote it (see [`Keep`]).
+    pub outputs: Vec<Option<Tensor>>,
     /// Per BatchNorm node: what its backward needs.
     pub bn: BTreeMap<NodeId, ops::BnSaved>,
     /// Running statistics after the pass (train mode only), to [`ModelState::commit`].
@@ -39,15 +40,29 @@ pub struct Trace {
 
 impl Trace {
     /// The output of node `id`.
+    ///
+    /// # Panics
+    /// If the pass did not compute node `id`, or did not keep its output (a node
+    /// [`forward_for_backward`] fuses into the op after it; [`forward`] keeps every output).
     pub fn output(&self, id: NodeId) -> &Tensor {
-        &self.outputs[id]
+        self.outputs[id].as_ref().unwrap_or_else(|| {
+            panic!("node {id}'s output is not kept by a forward_for_backward trace (use forward)")
+        })
     }
 
     /// The last output (the logits of a full pass).
     pub fn last(&self) -> &Tensor {
-        self.outputs
-            .last()
-            .expect("a pass computes at least the input")
+        self.output(self.len() - 1)
+    }
+
+    /// How many nodes the pass ran (nodes 0..len).
+    pub fn len(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// Whether the pass ran no node (never: every pass computes at least the input).
+    pub fn is_empty(&self) -> bool {
+        self.outputs.is_empty()
     }
 }
 
@@ -102,7 +117,8 @@ impl Gradients {
     }
 }
 
-/// Runs nodes 0..=`end` along `path` on `input` (`[N, C, H, W]`, pixels in [0, 1]).
+/// Runs nodes 0..=`end` along `path` on `input` (`[N, C, H, W]`, pixels in [0, 1]), keeping
+/// every node's output.
 ///
 /// # Errors
 /// On a device error.
@@ -114,14 +130,40 @@ pub fn forward(
     mode: BnMode,
     end: NodeId,
 ) -> Result<Trace> {
-    let (outputs, bn, running) = run_nodes(plan, state, path, input, mode, end, true)?;
+    traced(plan, state, path, input, mode, end, Keep::All)
+}
+
+/// [`forward`] keeping only what [`backward`] and [`input_gradient`] read ([`Keep::Backward`]):
+/// the outputs of training steps, attacks and Eq. 2, with fewer writes. The kept outputs and
+/// the gradients after it are identical to [`forward`]'s.
+///
+/// # Errors
+/// On a device error.
+pub fn forward_for_backward(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    input: &Tensor,
+    mode: BnMode,
+    end: NodeId,
+) -> Result<Trace> {
+    traced(plan, state, path, input, mode, end, Keep::Backward)
+}
+
+fn traced(
+    plan: &Plan,
+    state: &ModelState,
+    path: &Path,
+    input: &Tensor,
+    mode: BnMode,
+    end: NodeId,
+    keep: Keep,
+) -> Result<Trace> {
+    let (outputs, bn, running) = run_nodes(plan, state, path, input, mode, end, keep)?;
     Ok(Trace {
         path: path.clone(),
         mode,
-        outputs: outputs
-            .into_iter()
-            .map(|o| o.expect("a kept pass holds every output"))
-            .collect(),
+        outputs,
         bn,
         running,
     })
@@ -129,15 +171,33 @@ pub fn forward(
 
 /// The eval-mode logits along `path` without a trace: each activation is dropped as soon as
 /// its last reader has run, and nothing is kept for a backward pass, so a large batch needs
-/// only a few activations' memory (predictions, clean accuracy). The same ops in the same
-/// order as [`logits`], so the values are identical.
+/// only a few activations' memory (predictions, clean accuracy). The same ops on the same
+/// values as [`logits`], so the logits are identical.
 ///
 /// # Errors
 /// On a device error.
 pub fn eval_logits(plan: &Plan, state: &ModelState, path: &Path, input: &Tensor) -> Result<Tensor> {
     let end = plan.logits();
-    let (mut outputs, _, _) = run_nodes(plan, state, path, input, BnMode::Eval, end, false)?;
+    let (mut outputs, _, _) = run_nodes(plan, state, path, input, BnMode::Eval, end, Keep::Live)?;
     Ok(outputs[end].take().expect("the last output is kept"))
+}
+
+/// What a forward pass keeps of the outputs it computes. Fused ops apply wherever an output
+/// need not be kept: a BatchNorm or residual add with the ReLU after it, and a residual
+/// block's last BatchNorm with its add (and ReLU); every fused op computes the same values
+/// as the ops it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Every node's output ([`forward`]): BatchNorm + ReLU and add + ReLU still run fused,
+    /// writing both outputs.
+    All,
+    /// Every output [`propagate`] reads ([`forward_for_backward`]): not the output of a
+    /// BatchNorm or add whose only reader is the fused op after it (the ReLU's backward reads
+    /// the ReLU's own output as its mask, BatchNorm's reads what [`ops::BnSaved`] holds).
+    Backward,
+    /// Each output until its last reader has run, nothing for a backward pass
+    /// ([`eval_logits`]).
+    Live,
 }
 
 type NodeRun = (
@@ -146,8 +206,7 @@ type NodeRun = (
     Vec<RunningUpdate>,
 );
 
-/// Runs nodes 0..=`end`; with `keep` every output and BatchNorm's saved tensors stay, without
-/// it an output is dropped after its last reader (and BatchNorm keeps nothing).
+/// Runs nodes 0..=`end`, keeping what `keep` says.
 fn run_nodes(
     plan: &Plan,
     state: &ModelState,
@@ -155,15 +214,58 @@ fn run_nodes(
     input: &Tensor,
     mode: BnMode,
     end: NodeId,
-    keep: bool,
+    keep: Keep,
 ) -> Result<NodeRun> {
     let train = mode == BnMode::Train;
-    let mut last_reader: Vec<NodeId> = (0..=end).collect();
-    for (id, node) in plan.nodes[..=end].iter().enumerate() {
+    let nodes = &plan.nodes[..=end];
+    // Each node's readers within the pass.
+    let mut readers: Vec<Vec<NodeId>> = vec![Vec::new(); end + 1];
+    for (id, node) in nodes.iter().enumerate() {
         for &k in &node.inputs {
+            readers[k].push(id);
+        }
+    }
+    // A BatchNorm whose only reader is a residual add, as the add's first input (the residual
+    // branch; a downsampling shortcut's BatchNorm, the second input, runs on its own), runs
+    // inside that add (not in a full trace, which keeps the BatchNorm's output).
+    let into_add = |id: NodeId| -> Option<NodeId> {
+        match (&nodes[id].op, readers[id].as_slice()) {
+            (Op::BatchNorm { .. }, &[add])
+                if keep != Keep::All
+                    && nodes[add].op == Op::Add
+                    && nodes[add].inputs.first() == Some(&id) =>
+            {
+                Some(add)
+            }
+            _ => None,
+        }
+    };
+    // The outputs each node's op reads when it runs: a fused BatchNorm's input is read by its
+    // add, the BatchNorm itself reads nothing.
+    let reads: Vec<Vec<NodeId>> = (0..=end)
+        .map(|id| {
+            if into_add(id).is_some() {
+                return Vec::new();
+            }
+            nodes[id]
+                .inputs
+                .iter()
+                .map(|&k| match into_add(k) {
+                    Some(_) => nodes[k].inputs[0],
+                    None => k,
+                })
+                .collect()
+        })
+        .collect();
+    let mut last_reader: Vec<NodeId> = (0..=end).collect();
+    for (id, inputs) in reads.iter().enumerate() {
+        for &k in inputs {
             last_reader[k] = last_reader[k].max(id);
         }
     }
+    // Whether node `id`'s output must be written although the fused op after it also writes
+    // the ReLU's: read by another node, or kept by a full trace.
+    let write_also = |id: NodeId| keep == Keep::All || last_reader[id] > id + 1;
     let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(end + 1);
     let mut bn = BTreeMap::new();
     let mut running = Vec::new();
@@ -195,51 +297,63 @@ fn run_nodes(
                 *stride,
                 *padding,
             )?),
+            // Runs inside the add that reads it.
+            Op::BatchNorm { .. } if into_add(id).is_some() => None,
             Op::BatchNorm { params, .. } => {
-                let names = params.select(path);
-                let (rm, rv) = (
-                    state.tensor(&names.running_mean),
-                    state.tensor(&names.running_var),
-                );
-                let affine = (state.tensor(&names.weight), state.tensor(&names.bias));
+                let bn_op = BnOp::new(state, params.select(path), train);
                 let (y, saved) = if relu_next {
-                    let keep_y = keep || last_reader[id] > id + 1;
-                    let (y, z, saved) =
-                        ops::batch_norm_relu(x(0), affine, (rm, rv), train, keep_y)?;
+                    let (y, z, saved) = ops::batch_norm_relu(
+                        x(0),
+                        bn_op.affine,
+                        bn_op.stats,
+                        train,
+                        write_also(id),
+                    )?;
                     relu_out = Some(z);
                     (y, saved)
                 } else {
-                    let (y, saved) = ops::batch_norm(x(0), affine.0, affine.1, rm, rv, train)?;
+                    let (y, saved) = ops::batch_norm(
+                        x(0),
+                        bn_op.affine.0,
+                        bn_op.affine.1,
+                        bn_op.stats.0,
+                        bn_op.stats.1,
+                        train,
+                    )?;
                     (Some(y), saved)
                 };
-                if train {
-                    let (n, _, h, w) = x(0).dims4()?;
-                    let (mean, var) = ops::batch_norm_running_update(rm, rv, &saved, n * h * w)?;
-                    running.push(RunningUpdate {
-                        mean_name: names.running_mean.clone(),
-                        var_name: names.running_var.clone(),
-                        counter_name: names.num_batches_tracked.clone(),
-                        mean,
-                        var,
-                        num_batches_tracked: state
-                            .counters
-                            .get(&names.num_batches_tracked)
-                            .copied()
-                            .unwrap_or(0)
-                            + 1,
-                    });
-                }
-                if keep {
-                    bn.insert(id, saved);
-                }
+                bn_op.finish(id, x(0), saved, keep, (&mut bn, &mut running))?;
                 y
             }
             Op::Relu => Some(ops::relu(x(0))?),
             Op::LeakyRelu { slope } => Some(ops::leaky_relu(x(0), *slope)?),
             Op::Add => {
-                let (sum, z) = ops::add_relu(x(0), x(1), relu_next)?;
+                let keep_sum = !relu_next || write_also(id);
+                let (sum, z) = match into_add(node.inputs[0]) {
+                    Some(_) => {
+                        let bn_id = node.inputs[0];
+                        let Op::BatchNorm { params, .. } = &plan.nodes[bn_id].op else {
+                            unreachable!("into_add matches BatchNorms only")
+                        };
+                        let bn_input = outputs[plan.nodes[bn_id].inputs[0]]
+                            .as_ref()
+                            .expect("a fused BatchNorm's input is kept until its add");
+                        let bn_op = BnOp::new(state, params.select(path), train);
+                        let (sum, z, saved) = ops::batch_norm_add_relu(
+                            bn_input,
+                            bn_op.affine,
+                            bn_op.stats,
+                            train,
+                            x(1),
+                            (keep_sum, relu_next),
+                        )?;
+                        bn_op.finish(bn_id, bn_input, saved, keep, (&mut bn, &mut running))?;
+                        (sum, z)
+                    }
+                    None => ops::add_relu(x(0), x(1), (keep_sum, relu_next))?,
+                };
                 relu_out = z;
-                Some(sum)
+                sum
             }
             Op::MaxPool2 => Some(ops::max_pool2(x(0))?),
             Op::GlobalAvgPool => Some(ops::global_avg_pool(x(0))?),
@@ -261,9 +375,9 @@ fn run_nodes(
             }
             None => id..=id,
         };
-        if !keep {
+        if keep == Keep::Live {
             for done in ran.clone() {
-                for &k in &plan.nodes[done].inputs {
+                for &k in &reads[done] {
                     if last_reader[k] == done && k != end {
                         outputs[k] = None;
                     }
@@ -273,6 +387,67 @@ fn run_nodes(
         id = ran.end() + 1;
     }
     Ok((outputs, bn, running))
+}
+
+/// One BatchNorm node's parameters and running statistics along the path, and the
+/// bookkeeping after its pass.
+struct BnOp<'a> {
+    names: &'a BnNames,
+    affine: (&'a Tensor, &'a Tensor),
+    stats: (&'a Tensor, &'a Tensor),
+    state: &'a ModelState,
+    train: bool,
+}
+
+impl<'a> BnOp<'a> {
+    fn new(state: &'a ModelState, names: &'a BnNames, train: bool) -> Self {
+        BnOp {
+            names,
+            affine: (state.tensor(&names.weight), state.tensor(&names.bias)),
+            stats: (
+                state.tensor(&names.running_mean),
+                state.tensor(&names.running_var),
+            ),
+            state,
+            train,
+        }
+    }
+
+    /// Records the new running statistics (train mode) and, in a trace, what the backward
+    /// pass reads.
+    fn finish(
+        &self,
+        id: NodeId,
+        x: &Tensor,
+        saved: ops::BnSaved,
+        keep: Keep,
+        (bn, running): (&mut BTreeMap<NodeId, ops::BnSaved>, &mut Vec<RunningUpdate>),
+    ) -> Result<()> {
+        if self.train {
+            let (n, _, h, w) = x.dims4()?;
+            let (mean, var) =
+                ops::batch_norm_running_update(self.stats.0, self.stats.1, &saved, n * h * w)?;
+            let names = self.names;
+            running.push(RunningUpdate {
+                mean_name: names.running_mean.clone(),
+                var_name: names.running_var.clone(),
+                counter_name: names.num_batches_tracked.clone(),
+                mean,
+                var,
+                num_batches_tracked: self
+                    .state
+                    .counters
+                    .get(&names.num_batches_tracked)
+                    .copied()
+                    .unwrap_or(0)
+                    + 1,
+            });
+        }
+        if keep != Keep::Live {
+            bn.insert(id, saved);
+        }
+        Ok(())
+    }
 }
 
 /// Whether node `id` (a BatchNorm or a residual add) runs fused with the node after it: a ReLU
@@ -285,7 +460,7 @@ fn fused_relu(plan: &Plan, id: NodeId) -> bool {
             .is_some_and(|next| matches!(next.op, Op::Relu) && next.inputs == [id])
 }
 
-/// The logits along `path` and the trace of the pass.
+/// The logits along `path` and the trace of the pass ([`forward_for_backward`]'s).
 ///
 /// # Errors
 /// On a device error.
@@ -296,7 +471,7 @@ pub fn logits(
     input: &Tensor,
     mode: BnMode,
 ) -> Result<(Tensor, Trace)> {
-    let trace = forward(plan, state, path, input, mode, plan.logits())?;
+    let trace = forward_for_backward(plan, state, path, input, mode, plan.logits())?;
     Ok((trace.last().clone(), trace))
 }
 
@@ -388,7 +563,7 @@ fn propagate(
     skip: Option<&SkipGradient>,
     with_params: bool,
 ) -> Result<Gradients> {
-    let last = trace.outputs.len() - 1;
+    let last = trace.len() - 1;
     // SGM: the branch factor of each residual add node.
     let branch_factors: BTreeMap<NodeId, f64> = skip.map_or_else(BTreeMap::new, |skip| {
         plan.residual_blocks()
@@ -426,7 +601,7 @@ fn propagate(
             continue;
         };
         let node = &plan.nodes[id];
-        let x = |k: usize| &trace.outputs[node.inputs[k]];
+        let x = |k: usize| trace.output(node.inputs[k]);
         let input = |k: usize| node.inputs[k];
         match &node.op {
             Op::Input => grads.input = Some(g),
@@ -481,7 +656,7 @@ fn propagate(
                 let names = params.select(path);
                 let saved = &trace.bn[&bn_id];
                 let gamma = state.tensor(&names.weight);
-                let mask = &trace.outputs[id];
+                let mask = trace.output(id);
                 let gx = if with_params {
                     let (gx, gg, gb) =
                         ops::relu_batch_norm_backward(mask, gamma, saved, &g, train)?;
@@ -493,7 +668,12 @@ fn propagate(
                 };
                 add(&mut node_grads[plan.nodes[bn_id].inputs[0]], gx)?;
             }
-            Op::Relu => add(&mut node_grads[input(0)], ops::relu_backward(x(0), &g)?)?,
+            // The ReLU's own output is its mask (positive exactly where its input is), so the
+            // input need not be kept.
+            Op::Relu => add(
+                &mut node_grads[input(0)],
+                ops::relu_backward(trace.output(id), &g)?,
+            )?,
             Op::LeakyRelu { slope } => add(
                 &mut node_grads[input(0)],
                 ops::leaky_relu_backward(x(0), *slope, &g)?,

@@ -60,7 +60,7 @@ pub struct InputGradient {
 /// The batch-mean cross-entropy L of the logits of `x` (`[N, C, H, W]`, pixels in [0, 1]) along
 /// `path` with BatchNorm in `mode`, against `labels` (`[N]`, u32), and its input gradient
 /// g = ∇ₓL (the first order that [`input_gradient_vjp`] differentiates again). The same ops as
-/// [`model::logits`], [`ops::cross_entropy`] and [`model::input_gradient`]. The running
+/// [`model::forward`] to the logits, [`ops::cross_entropy`] and [`model::input_gradient`]. The running
 /// statistics of a train-mode pass stay in the trace.
 ///
 /// # Errors
@@ -73,7 +73,9 @@ pub fn input_gradient(
     labels: &Tensor,
     mode: BnMode,
 ) -> Result<InputGradient> {
-    let (logits, trace) = model::logits(plan, state, path, x, mode)?;
+    // A full trace: the tangents read every node's output.
+    let trace = model::forward(plan, state, path, x, mode, plan.logits())?;
+    let logits = trace.last().clone();
     let (loss, seed) = ops::cross_entropy(&logits, labels)?;
     let grad = model::input_gradient(plan, state, &trace, &[(plan.logits(), seed)])?;
     Ok(InputGradient {
@@ -86,7 +88,7 @@ pub fn input_gradient(
 
 /// ∂⟨∇ₓL, v⟩/∂θ ([`Gradients::params`], by tensor name, only the tensors the pass used) and
 /// ∂⟨∇ₓL, v⟩/∂x ([`Gradients::input`]) for the pass in `trace` (from [`input_gradient`] or
-/// [`model::logits`], run to the logits) and the same `labels` (`[N]`, u32). L is the
+/// [`model::forward`], run to the logits: a full trace) and the same `labels` (`[N]`, u32). L is the
 /// batch-mean cross-entropy; BatchNorm behaves as `trace.mode` says (train mode through the
 /// batch statistics). For a loss R(g) of the input gradient (GAL, TRS), `v = ∂R/∂g` gives
 /// ∂R/∂θ and ∂R/∂x.
@@ -105,7 +107,7 @@ pub fn input_gradient_vjp(
 ) -> Result<Gradients> {
     let end = plan.logits();
     assert_eq!(
-        trace.outputs.len(),
+        trace.len(),
         end + 1,
         "input_gradient_vjp: the pass must run to the logits (node {end})"
     );
@@ -172,13 +174,13 @@ pub fn cross_entropy_seeds(
 pub fn tangents(plan: &Plan, state: &ModelState, trace: &Trace, v: &Tensor) -> Result<Vec<Tensor>> {
     assert_eq!(
         v.dims(),
-        trace.outputs[0].dims(),
+        trace.output(0).dims(),
         "tangents: v shape != input shape"
     );
     let path = &trace.path;
     let train = trace.mode == BnMode::Train;
-    let mut out: Vec<Tensor> = Vec::with_capacity(trace.outputs.len());
-    for (id, node) in plan.nodes[..trace.outputs.len()].iter().enumerate() {
+    let mut out: Vec<Tensor> = Vec::with_capacity(trace.len());
+    for (id, node) in plan.nodes[..trace.len()].iter().enumerate() {
         let x = |k: usize| trace.output(node.inputs[k]);
         let dx = |k: usize| &out[node.inputs[k]];
         let dy = match &node.op {
@@ -250,7 +252,7 @@ pub fn reverse_over_forward(
     seeds: &[(NodeId, Tensor)],
     tangent_seeds: &[(NodeId, Tensor)],
 ) -> Result<SecondOrderGradients> {
-    let last = trace.outputs.len() - 1;
+    let last = trace.len() - 1;
     assert_eq!(
         tangents.len(),
         last + 1,

@@ -2,11 +2,13 @@
 //! `model::backward(..).input`: bit-identical, in f64 and f32, train and eval mode, with seeds
 //! at the logits and at a distillation feature, on a ResNet-8 whose plan has stride-2 convs
 //! and 1x1 shortcut convs. The same for SGM's `input_gradient_with` and `backward_with`, whose
-//! `None` is the plain backward and whose γ = 1 without normalisation changes nothing.
+//! `None` is the plain backward and whose γ = 1 without normalisation changes nothing. And
+//! the lean traces (`forward_for_backward`, `eval_logits`) against the full `forward`.
 
 use candle_core::{DType, Device, Tensor};
 use eio_accelerated::model::{
-    backward, backward_with, eval_logits, forward, input_gradient, input_gradient_with,
+    backward, backward_with, eval_logits, forward, forward_for_backward, input_gradient,
+    input_gradient_with,
 };
 use eio_accelerated::ops;
 use eio_accelerated::state::ModelState;
@@ -234,6 +236,95 @@ fn eval_logits_equal_the_traced_logits() {
                 bits(&lean) == bits(traced.last()),
                 "{dtype:?} path {path:?}: eval_logits differ from the traced logits"
             );
+        }
+    }
+}
+
+/// `forward_for_backward` (fused ops, outputs nothing reads not kept) against `forward`:
+/// every kept output, the running statistics and both backward passes bit for bit, in f64
+/// and f32, train and eval mode, to the logits and to each layer's features; and the fusions
+/// apply (a BatchNorm's output before its ReLU and a residual block's last BatchNorm are not
+/// kept).
+#[test]
+fn lean_traces_give_the_full_traces_gradients() {
+    let plan = small_plan();
+    for dtype in [DType::F64, DType::F32] {
+        let state = ModelState::init(&plan, &Seeds::new(13), 0, &Device::Cpu, dtype)
+            .expect("initial state");
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let images = random(&[4, 3, 8, 8], 0.0, 1.0, dtype, &mut rng);
+        for mode in [BnMode::Train, BnMode::Eval] {
+            let path = plan.path_space().sample(&mut rng);
+            let mut ends = vec![plan.logits()];
+            for l in 1..=plan.l() {
+                ends.push(plan.feature_node(l, FeatureSite::AfterRelu, true));
+                ends.push(plan.feature_node(l, FeatureSite::BeforeRelu, false));
+            }
+            for end in ends {
+                let what = format!("{dtype:?} {mode:?} path {path:?} end {end}");
+                let full = forward(&plan, &state, &path, &images, mode, end).expect("forward");
+                let lean = forward_for_backward(&plan, &state, &path, &images, mode, end)
+                    .expect("lean forward");
+                assert_eq!(lean.len(), full.len(), "{what}: nodes run");
+                let mut dropped = Vec::new();
+                for (id, kept) in lean.outputs.iter().enumerate() {
+                    match kept {
+                        Some(t) => assert!(
+                            bits(t) == bits(full.output(id)),
+                            "{what}: output of node {id}"
+                        ),
+                        None => dropped.push(id),
+                    }
+                }
+                assert!(lean.outputs[end].is_some(), "{what}: the end is kept");
+                if end == plan.logits() {
+                    let kinds: Vec<&Op> = dropped.iter().map(|&id| &plan.nodes[id].op).collect();
+                    assert!(
+                        kinds.iter().any(|op| matches!(op, Op::BatchNorm { .. }))
+                            && kinds.iter().any(|op| matches!(op, Op::Add)),
+                        "{what}: the fused ops apply (dropped {dropped:?})"
+                    );
+                }
+                // The same updates (a fused BatchNorm's comes with its add, so the order may
+                // differ; committing is by name).
+                let by_name = |t: &eio_accelerated::model::Trace| {
+                    let mut v: Vec<_> = t.running.clone();
+                    v.sort_by(|a, b| a.mean_name.cmp(&b.mean_name));
+                    v
+                };
+                let (lean_running, full_running) = (by_name(&lean), by_name(&full));
+                assert_eq!(lean_running.len(), full_running.len(), "{what}: updates");
+                for (a, b) in lean_running.iter().zip(&full_running) {
+                    assert_eq!(a.mean_name, b.mean_name, "{what}: updated BatchNorms");
+                    assert!(
+                        bits(&a.mean) == bits(&b.mean) && bits(&a.var) == bits(&b.var),
+                        "{what}: running statistics of {}",
+                        a.mean_name
+                    );
+                }
+                let seed = random(full.last().dims(), -1.0, 1.0, dtype, &mut rng);
+                let seeds = [(end, seed)];
+                let want = backward(&plan, &state, &full, &seeds).expect("backward");
+                let got = backward(&plan, &state, &lean, &seeds).expect("lean backward");
+                assert!(
+                    bits(got.input.as_ref().expect("input"))
+                        == bits(want.input.as_ref().expect("input")),
+                    "{what}: dL/dx"
+                );
+                assert_eq!(
+                    got.params.keys().collect::<Vec<_>>(),
+                    want.params.keys().collect::<Vec<_>>(),
+                    "{what}: parameters"
+                );
+                for (name, g) in &want.params {
+                    assert!(bits(&got.params[name]) == bits(g), "{what}: dL/d{name}");
+                }
+                let only = input_gradient(&plan, &state, &lean, &seeds).expect("input gradient");
+                assert!(
+                    bits(&only) == bits(want.input.as_ref().expect("input")),
+                    "{what}: input_gradient of the lean trace"
+                );
+            }
         }
     }
 }

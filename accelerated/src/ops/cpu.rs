@@ -144,21 +144,30 @@ fn check_grad(g: &ConvGeom, grad: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// [`super::batch_norm`] and [`super::batch_norm_relu`]: one statistics pass (train mode),
-/// then one pass writing y (when `keep_y`), max(y, 0) (when `relu`) and x̂ (train mode only:
-/// an eval-mode dL/dx does not read it, [`BnSaved::x_hat`] recomputes it if a parameter
-/// gradient does).
+/// [`super::batch_norm`], [`super::batch_norm_relu`] and [`super::batch_norm_add_relu`]: one
+/// statistics pass (train mode), then one pass writing y (BatchNorm's output, plus `residual`
+/// when given; when `keep_y`) and max(y, 0) (when `relu`). x̂ is not written: the backward
+/// pass computes it again from the input ([`k::Normalised`]).
 pub fn batch_norm<T: Real>(
     x: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
     (running_mean, running_var): (&Tensor, &Tensor),
     train: bool,
+    residual: Option<&Tensor>,
     (keep_y, relu): (bool, bool),
 ) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
     let (_, c, h, w) = x.dims4()?;
+    if let Some(r) = residual {
+        if r.dims() != x.dims() {
+            bail!("batch norm + add: {:?} + {:?}", x.dims(), r.dims());
+        }
+    }
     let x = x.contiguous()?;
     let hx = host(&x)?;
     let xs = hx.slice::<T>()?;
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let residual_host = residual.as_ref().map(host).transpose()?;
+    let residual = residual_host.as_ref().map(|r| r.slice::<T>()).transpose()?;
     let (mean, var) = if train {
         k::batch_stats(xs, c, h * w)
     } else {
@@ -177,19 +186,16 @@ pub fn batch_norm<T: Real>(
         .collect();
     let (mean_t, inv_std_t) = (to_real::<T>(&mean), to_real::<T>(&inv_std));
     let len = xs.len();
-    let mut x_hat = train.then(|| Uninit::<T>::new(len));
     let mut y = keep_y.then(|| Uninit::<T>::new(len));
     let mut z = relu.then(|| Uninit::<T>::new(len));
     with2(gamma, beta, |gamma, beta| {
         k::batch_norm_apply(
             xs,
-            &mean_t,
-            &inv_std_t,
-            gamma,
-            beta,
+            (&mean_t, &inv_std_t),
+            (gamma, beta),
+            residual,
             h * w,
             k::BnOutputs {
-                x_hat: x_hat.as_mut().map(Uninit::slots),
                 y: y.as_mut().map(Uninit::slots),
                 relu: z.as_mut().map(Uninit::slots),
             },
@@ -201,7 +207,7 @@ pub fn batch_norm<T: Real>(
     let wrap = |v: Option<Uninit<T>>| v.map(|v| tensor(unsafe { v.written() }, dims)).transpose();
     let mean_t = tensor(mean_t, &[c])?;
     let saved = BnSaved {
-        x_hat: wrap(x_hat)?,
+        x_hat: None,
         input: x.clone(),
         batch_mean: train.then(|| mean_t.clone()),
         mean: mean_t,
@@ -247,8 +253,6 @@ pub fn batch_norm_backward<T: Real>(
         }
     }
     let count = (n * h * w) as f64;
-    // x̂ is read by the sums (train mode or parameter gradients) and by a train-mode dx.
-    let x_hat = (train || params).then(|| saved.x_hat()).transpose()?;
     let mask = mask.map(Tensor::contiguous).transpose()?;
     let mask_host = mask.as_ref().map(host).transpose()?;
     let mask = mask_host.as_ref().map(|m| m.slice::<T>()).transpose()?;
@@ -259,9 +263,22 @@ pub fn batch_norm_backward<T: Real>(
             .map(|(&g, &s)| g * s)
             .collect::<Vec<T>>())
     })?;
-    let x_hat = x_hat.as_ref().map(Tensor::contiguous).transpose()?;
-    let x_hat_host = x_hat.as_ref().map(host).transpose()?;
-    let x_hat = x_hat_host.as_ref().map(|h| h.slice::<T>()).transpose()?;
+    // x̂, computed again from the input, is read by the sums (train mode or parameter
+    // gradients) and by a train-mode dx.
+    let input = saved.input.contiguous()?;
+    let input_host = host(&input)?;
+    let x_hat = with2(&saved.mean, &saved.inv_std, |mean: &[T], inv_std| {
+        Ok((mean.to_vec(), inv_std.to_vec()))
+    })?;
+    let x_hat = (train || params)
+        .then(|| {
+            Ok::<_, candle_core::Error>(k::Normalised {
+                x: input_host.slice::<T>()?,
+                mean: &x_hat.0,
+                inv_std: &x_hat.1,
+            })
+        })
+        .transpose()?;
     let (dx, sums) = with(grad, |g| {
         let grad = k::BnGrad { grad: g, mask };
         let sums = x_hat.map(|xh| k::batch_norm_grad_sums(grad, xh, c, h * w));
@@ -317,24 +334,33 @@ pub fn relu<T: Real>(x: &Tensor) -> Result<Tensor> {
     tensor(unsafe { out.written() }, x.dims())
 }
 
-/// See [`super::add_relu`].
-pub fn add_relu<T: Real>(a: &Tensor, b: &Tensor, relu: bool) -> Result<(Tensor, Option<Tensor>)> {
+/// See [`super::add_relu`]: `a + b` when `keep_sum`, `max(a + b, 0)` when `relu`.
+pub fn add_relu<T: Real>(
+    a: &Tensor,
+    b: &Tensor,
+    (keep_sum, relu): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
     if a.dims() != b.dims() {
         bail!("add: {:?} + {:?}", a.dims(), b.dims());
     }
     let len = a.elem_count();
-    let mut sum = Uninit::<T>::new(len);
+    let mut sum = keep_sum.then(|| Uninit::<T>::new(len));
     let mut z = relu.then(|| Uninit::<T>::new(len));
     with2(a, b, |a, b| {
-        k::add_relu(a, b, sum.slots(), z.as_mut().map(Uninit::slots));
+        k::add_relu(
+            a,
+            b,
+            sum.as_mut().map(Uninit::slots),
+            z.as_mut().map(Uninit::slots),
+        );
         Ok(())
     })?;
     // SAFETY: `add_relu` writes every element of each output it is given.
-    let (sum, z) = unsafe { (sum.written(), z.map(|z| z.written())) };
-    Ok((
-        tensor(sum, a.dims())?,
-        z.map(|z| tensor(z, a.dims())).transpose()?,
-    ))
+    let wrap = |v: Option<Uninit<T>>| {
+        v.map(|v| tensor(unsafe { v.written() }, a.dims()))
+            .transpose()
+    };
+    Ok((wrap(sum)?, wrap(z)?))
 }
 
 /// See [`super::stock::linear`].
@@ -575,8 +601,9 @@ mod tests {
                 let (sy, ssaved) =
                     stock::batch_norm(&x, &gamma, &beta, &rm, &rv, train).expect("stock");
                 assert_close(&format!("{what} y"), &y, &sy);
-                // Eval mode keeps no x̂ on the CPU; the recomputed one is the same.
-                assert_eq!(saved.x_hat.is_some(), train, "{what}: x_hat kept");
+                // The CPU keeps no x̂ (its backward computes it again); the computed one is the
+                // same.
+                assert!(saved.x_hat.is_none(), "{what}: x_hat kept");
                 let x_hat = saved.x_hat().expect("x_hat");
                 assert_close(
                     &format!("{what} x_hat"),
@@ -610,6 +637,39 @@ mod tests {
                         &format!("{what} fused x_hat"),
                         &fsaved.x_hat().expect("x_hat"),
                         &x_hat,
+                    );
+                }
+                // The end of a residual block fused (BatchNorm, add, ReLU): the same bits as
+                // the three ops in turn, whichever outputs are written, and the same statistics.
+                let residual = random(y.dims(), dtype, &mut rng);
+                let sum = super::super::add(&y, &residual).expect("add");
+                for (keep_sum, relu) in [(true, true), (false, true), (true, false)] {
+                    let (fsum, z, fsaved) = super::super::batch_norm_add_relu(
+                        &x,
+                        (&gamma, &beta),
+                        (&rm, &rv),
+                        train,
+                        &residual,
+                        (keep_sum, relu),
+                    )
+                    .expect("fused add");
+                    assert_eq!(fsum.is_some(), keep_sum, "{what}: sum kept");
+                    assert_eq!(z.is_some(), relu, "{what}: relu written");
+                    if let Some(fsum) = fsum {
+                        assert_same(&format!("{what} fused add sum"), &fsum, &sum);
+                    }
+                    if let Some(z) = z {
+                        assert_same(
+                            &format!("{what} fused add relu"),
+                            &z,
+                            &sum.relu().expect("relu"),
+                        );
+                    }
+                    assert_same(&format!("{what} fused add mean"), &fsaved.mean, &saved.mean);
+                    assert_same(
+                        &format!("{what} fused add inv_std"),
+                        &fsaved.inv_std,
+                        &saved.inv_std,
                     );
                 }
                 let g = random(y.dims(), dtype, &mut rng);
@@ -666,14 +726,20 @@ mod tests {
                 &a.relu().expect("relu"),
             );
             let sum = (&a + &b).expect("sum");
-            let (s, z) = add_relu::<T>(&a, &b, true).expect("add relu");
-            assert_same(&format!("add len={len}"), &s, &sum);
-            assert_same(
-                &format!("add relu len={len}"),
-                &z.expect("relu"),
-                &sum.relu().expect("relu"),
-            );
-            assert!(add_relu::<T>(&a, &b, false).expect("add").1.is_none());
+            for (keep_sum, relu) in [(true, true), (false, true), (true, false)] {
+                let (s, z) = add_relu::<T>(&a, &b, (keep_sum, relu)).expect("add relu");
+                assert_eq!((s.is_some(), z.is_some()), (keep_sum, relu), "add outputs");
+                if let Some(s) = s {
+                    assert_same(&format!("add len={len}"), &s, &sum);
+                }
+                if let Some(z) = z {
+                    assert_same(
+                        &format!("add relu len={len}"),
+                        &z,
+                        &sum.relu().expect("relu"),
+                    );
+                }
+            }
         }
 
         // ReLU backward, with exact zeros in x (gradient 0 there) and sizes around the task split.

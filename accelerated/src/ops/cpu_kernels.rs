@@ -73,9 +73,10 @@ impl Real for f64 {}
 const MIN_PARALLEL_ELEMS: usize = 1 << 14;
 
 /// A kernel's output buffer, allocated but not written: the kernels write their outputs in
-/// parallel, each task first zeroing its own chunk ([`init`]) where it needs initialised
-/// values, where `vec![0; len]` of a batch's feature map was one thread's memset of memory the
-/// kernel then wrote again (about a tenth of an EIO iteration, with the other core idle).
+/// parallel, elementwise kernels storing each value once ([`write`]) and accumulating kernels
+/// first zeroing their own task's chunk ([`init`]), where `vec![0; len]` of a batch's feature
+/// map was one thread's memset of memory the kernel then wrote again (about a tenth of an EIO
+/// iteration, with the other core idle).
 pub struct Uninit<T> {
     data: Vec<T>,
     len: usize,
@@ -107,11 +108,36 @@ impl<T: Real> Uninit<T> {
     }
 }
 
-/// A task's chunk of a kernel's output, zeroed and as initialised values: the chunk is small
-/// (a map or a few thousand elements), so the zeroes go to cache just before the kernel's values.
+/// A task's chunk of a kernel's output, zeroed and as initialised values, for kernels that
+/// accumulate into it (GEMM, col2im): the chunk is small (a map or a few thousand elements), so
+/// the zeroes go to cache just before the kernel's values.
 fn init<T: Real>(out: &mut [MaybeUninit<T>]) -> &mut [T] {
     out.fill(MaybeUninit::new(T::zero()));
     // SAFETY: every element was just initialised, and `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// Writes `values` into a task's chunk of an elementwise kernel's output, one store per
+/// element with no zeroing first (a zeroing pass cost an elementwise op a third of its time),
+/// and returns the chunk as initialised values.
+///
+/// # Panics
+/// If `values` holds fewer elements than `out`.
+fn write<T: Real>(
+    out: &mut [MaybeUninit<T>],
+    values: impl ExactSizeIterator<Item = T>,
+) -> &mut [T] {
+    assert!(
+        values.len() >= out.len(),
+        "an elementwise kernel has {} values for {} outputs",
+        values.len(),
+        out.len()
+    );
+    for (o, v) in out.iter_mut().zip(values) {
+        o.write(v);
+    }
+    // SAFETY: the loop wrote every element (`values` is at least as long as `out`), and
+    // `MaybeUninit<T>` has `T`'s layout.
     unsafe { &mut *(out as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
@@ -696,76 +722,67 @@ fn blocks_mut<T>(
 }
 
 /// The outputs of one BatchNorm forward pass over `[N, C, hw]` maps ([`batch_norm_apply`]).
+/// x̂ is not among them: a backward pass computes it again from the input ([`Normalised`]),
+/// which costs less than writing it and reading it back.
 pub struct BnOutputs<'a, T> {
-    /// `x̂ = (x − mean_c)·inv_std_c`, when a backward pass will read it (train mode).
-    pub x_hat: Option<&'a mut [MaybeUninit<T>]>,
-    /// `y = γ_c·x̂ + β_c`, when it is kept (a traced pass), else only `relu` is written.
+    /// `y = γ_c·x̂ + β_c` (plus the residual, see [`batch_norm_apply`]), when it is kept (a
+    /// pass that reads it later), else only `relu` is written.
     pub y: Option<&'a mut [MaybeUninit<T>]>,
     /// `max(y, 0)`, when a ReLU follows (the fused BatchNorm + ReLU of a traced or eval pass).
     pub relu: Option<&'a mut [MaybeUninit<T>]>,
 }
 
-/// BatchNorm's affine normalisation of `x` (`[N, C, hw]`), fused with the ReLU that follows
-/// it: `x̂ = (x − mean_c)·inv_std_c`, `y = γ_c·x̂ + β_c` and `max(y, 0)`, each written when
-/// asked for, in one pass over `x`. The values are the same whichever outputs are written
-/// (`y` is always computed from the rounded `x̂`).
+/// BatchNorm's affine normalisation of `x` (`[N, C, hw]`), fused with what follows it in a
+/// residual block: `y = γ_c·x̂ + β_c` with `x̂ = (x − mean_c)·inv_std_c`, then `y + residual`
+/// when a `residual` is given (the block's add), then `max(·, 0)` (the ReLU), each written
+/// when asked for, in one pass over `x`. The values are those of the separate ops: `γ_c·x̂ + β_c`
+/// is rounded before the residual is added, and the ReLU reads the rounded sum.
 pub fn batch_norm_apply<T: Real>(
     x: &[T],
-    mean: &[T],
-    inv_std: &[T],
-    gamma: &[T],
-    beta: &[T],
+    (mean, inv_std): (&[T], &[T]),
+    (gamma, beta): (&[T], &[T]),
+    residual: Option<&[T]>,
     hw: usize,
     out: BnOutputs<'_, T>,
 ) {
     let c = mean.len();
     let blocks = x.len() / hw.max(1);
-    let x_hat = blocks_mut(out.x_hat, hw, blocks);
     let y = blocks_mut(out.y, hw, blocks);
     let relu = blocks_mut(out.relu, hw, blocks);
     x.par_chunks(hw.max(1))
-        .zip(x_hat)
         .zip(y)
         .zip(relu)
         .with_min_len(min_blocks(hw))
         .enumerate()
-        .for_each(|(block, (((x, xh), y), relu))| {
-            let (xh, y, relu) = (xh.map(init), y.map(init), relu.map(init));
+        .for_each(|(block, ((x, y), relu))| {
             let ch = block % c;
             let (m, s, g, b) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-            let norm = |x: T| (x - m) * s;
-            let affine = |h: T| h * g + b;
-            // One loop per combination of outputs, so each vectorises.
-            match (xh, y, relu) {
-                (Some(xh), Some(y), r) => {
-                    for ((xh, y), &x) in xh.iter_mut().zip(y.iter_mut()).zip(x) {
-                        *xh = norm(x);
-                        *y = affine(*xh);
-                    }
-                    if let Some(r) = r {
+            let bn = |x: T| ((x - m) * s) * g + b;
+            let residual = residual.map(|r| &r[block * x.len()..][..x.len()]);
+            // One loop per output, so each vectorises.
+            match (y, residual) {
+                (Some(y), None) => {
+                    let y = write(y, x.iter().map(|&x| bn(x)));
+                    if let Some(r) = relu {
                         relu_into(y, r);
                     }
                 }
-                (None, Some(y), r) => {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = affine(norm(x));
-                    }
-                    if let Some(r) = r {
+                (Some(y), Some(res)) => {
+                    let y = write(y, x.iter().zip(res).map(|(&x, &r)| bn(x) + r));
+                    if let Some(r) = relu {
                         relu_into(y, r);
                     }
                 }
-                (xh, None, Some(r)) => {
-                    for (r, &x) in r.iter_mut().zip(x) {
-                        *r = relu_of(affine(norm(x)));
-                    }
-                    if let Some(xh) = xh {
-                        xh.iter_mut().zip(x).for_each(|(xh, &x)| *xh = norm(x));
+                (None, None) => {
+                    if let Some(r) = relu {
+                        write(r, x.iter().map(|&x| relu_of(bn(x))));
                     }
                 }
-                (Some(xh), None, None) => {
-                    xh.iter_mut().zip(x).for_each(|(xh, &x)| *xh = norm(x));
+                (None, Some(res)) => {
+                    if let Some(r) = relu {
+                        write(r, x.iter().zip(res).map(|(&x, &v)| relu_of(bn(x) + v)));
+                    }
                 }
-                (None, None, None) => {}
             }
         });
 }
@@ -788,9 +805,7 @@ pub fn batch_norm_x_hat<T: Real>(
         .for_each(|(block, (xh, x))| {
             let ch = block % c;
             let (m, s) = (mean[ch], inv_std[ch]);
-            for (xh, &x) in init(xh).iter_mut().zip(x) {
-                *xh = (x - m) * s;
-            }
+            write(xh, x.iter().map(|&x| (x - m) * s));
         });
 }
 
@@ -822,12 +837,31 @@ fn masked<T: Real>(g: T, m: T) -> T {
     }
 }
 
+/// x̂ of a BatchNorm's backward pass, computed again from its input element by element:
+/// `x̂ = (x − mean_c)·inv_std_c`, the values [`batch_norm_apply`] normalised with (the forward
+/// pass does not store them).
+#[derive(Clone, Copy)]
+pub struct Normalised<'a, T> {
+    /// The BatchNorm's input, `[N, C, hw]`.
+    pub x: &'a [T],
+    pub mean: &'a [T],
+    pub inv_std: &'a [T],
+}
+
+impl<'a, T: Real> Normalised<'a, T> {
+    /// The block at `at..at + len` of channel `ch`: its input and the channel's mean and
+    /// 1/std.
+    fn block(&self, at: usize, len: usize, ch: usize) -> (&'a [T], T, T) {
+        (&self.x[at..at + len], self.mean[ch], self.inv_std[ch])
+    }
+}
+
 /// Per-channel `Σ g` and `Σ g·x̂` over (N, hw) of `[N, C, hw]` maps, accumulated in f64 with
 /// [`LANES`] partial sums each: the gradients dL/dβ and dL/dγ of BatchNorm (of the masked
 /// gradient, see [`BnGrad`]).
 pub fn batch_norm_grad_sums<T: Real>(
     grad: BnGrad<'_, T>,
-    x_hat: &[T],
+    x_hat: Normalised<'_, T>,
     c: usize,
     hw: usize,
 ) -> (Vec<f64>, Vec<f64>) {
@@ -845,39 +879,40 @@ pub fn batch_norm_grad_sums<T: Real>(
             for i in 0..n {
                 let at = (i * c + ch) * hw;
                 let (g, mask) = grad.block(at, hw);
-                let xh = &x_hat[at..at + hw];
+                let (x, m, s) = x_hat.block(at, hw, ch);
+                let norm = |x: T| (x - m) * s;
                 let split = hw - hw % LANES;
                 match mask {
                     None => {
                         for (gc, xc) in g[..split]
                             .chunks_exact(LANES)
-                            .zip(xh[..split].chunks_exact(LANES))
+                            .zip(x[..split].chunks_exact(LANES))
                         {
                             for lane in 0..LANES {
-                                add(lane, gc[lane], xc[lane]);
+                                add(lane, gc[lane], norm(xc[lane]));
                             }
                         }
-                        for (lane, (&g, &xh)) in g[split..].iter().zip(&xh[split..]).enumerate() {
-                            add(lane, g, xh);
+                        for (lane, (&g, &x)) in g[split..].iter().zip(&x[split..]).enumerate() {
+                            add(lane, g, norm(x));
                         }
                     }
-                    Some(m) => {
+                    Some(mk) => {
                         for ((gc, xc), mc) in g[..split]
                             .chunks_exact(LANES)
-                            .zip(xh[..split].chunks_exact(LANES))
-                            .zip(m[..split].chunks_exact(LANES))
+                            .zip(x[..split].chunks_exact(LANES))
+                            .zip(mk[..split].chunks_exact(LANES))
                         {
                             for lane in 0..LANES {
-                                add(lane, masked(gc[lane], mc[lane]), xc[lane]);
+                                add(lane, masked(gc[lane], mc[lane]), norm(xc[lane]));
                             }
                         }
-                        for (lane, ((&g, &xh), &m)) in g[split..]
+                        for (lane, ((&g, &x), &mk)) in g[split..]
                             .iter()
-                            .zip(&xh[split..])
-                            .zip(&m[split..])
+                            .zip(&x[split..])
+                            .zip(&mk[split..])
                             .enumerate()
                         {
-                            add(lane, masked(g, m), xh);
+                            add(lane, masked(g, mk), norm(x));
                         }
                     }
                 }
@@ -893,7 +928,7 @@ pub fn batch_norm_grad_sums<T: Real>(
 /// is the train formula's value at a = b = 0.
 pub fn batch_norm_backward_input<T: Real>(
     grad: BnGrad<'_, T>,
-    x_hat: Option<&[T]>,
+    x_hat: Option<Normalised<'_, T>>,
     scale: &[T],
     (a, b): (&[T], &[T]),
     hw: usize,
@@ -904,33 +939,29 @@ pub fn batch_norm_backward_input<T: Real>(
         .with_min_len(min_blocks(hw))
         .enumerate()
         .for_each(|(block, dx)| {
-            let dx = init(dx);
             let ch = block % c;
             let at = block * hw;
             let (g, mask) = grad.block(at, hw);
             let s = scale[ch];
-            match (x_hat.map(|xh| &xh[at..at + hw]), mask) {
-                (Some(xh), None) => {
+            match (x_hat.map(|xh| xh.block(at, hw, ch)), mask) {
+                (Some((x, m, is)), None) => {
                     let (a, b) = (a[ch], b[ch]);
-                    for ((dx, &g), &xh) in dx.iter_mut().zip(g).zip(xh) {
-                        *dx = s * (g - a - xh * b);
-                    }
+                    let values = g.iter().zip(x);
+                    write(dx, values.map(|(&g, &x)| s * (g - a - ((x - m) * is) * b)));
                 }
-                (Some(xh), Some(m)) => {
+                (Some((x, m, is)), Some(mk)) => {
                     let (a, b) = (a[ch], b[ch]);
-                    for (((dx, &g), &xh), &m) in dx.iter_mut().zip(g).zip(xh).zip(m) {
-                        *dx = s * (masked(g, m) - a - xh * b);
-                    }
+                    let values = g.iter().zip(x).zip(mk);
+                    write(
+                        dx,
+                        values.map(|((&g, &x), &mk)| s * (masked(g, mk) - a - ((x - m) * is) * b)),
+                    );
                 }
                 (None, None) => {
-                    for (dx, &g) in dx.iter_mut().zip(g) {
-                        *dx = s * g;
-                    }
+                    write(dx, g.iter().map(|&g| s * g));
                 }
-                (None, Some(m)) => {
-                    for ((dx, &g), &m) in dx.iter_mut().zip(g).zip(m) {
-                        *dx = s * masked(g, m);
-                    }
+                (None, Some(mk)) => {
+                    write(dx, g.iter().zip(mk).map(|(&g, &mk)| s * masked(g, mk)));
                 }
             }
         });
@@ -946,38 +977,41 @@ fn relu_of<T: Real>(v: T) -> T {
 }
 
 /// `out = max(x, 0)` elementwise (one block, single-threaded).
-fn relu_into<T: Real>(x: &[T], out: &mut [T]) {
-    out.iter_mut().zip(x).for_each(|(o, &v)| *o = relu_of(v));
+fn relu_into<T: Real>(x: &[T], out: &mut [MaybeUninit<T>]) {
+    write(out, x.iter().map(|&v| relu_of(v)));
 }
 
 /// ReLU forward in one parallel pass: `out = max(x, 0)`.
 pub fn relu<T: Real>(x: &[T], out: &mut [MaybeUninit<T>]) {
     out.par_chunks_mut(MIN_PARALLEL_ELEMS)
         .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
-        .for_each(|(o, x)| relu_into(x, init(o)));
+        .for_each(|(o, x)| relu_into(x, o));
 }
 
-/// `sum = a + b` and, when asked for, `relu = max(a + b, 0)`, in one parallel pass (a residual
-/// add and the ReLU after it).
+/// `sum = a + b` and `relu = max(a + b, 0)`, each written when asked for, in one parallel
+/// pass (a residual add and the ReLU after it).
 pub fn add_relu<T: Real>(
     a: &[T],
     b: &[T],
-    sum: &mut [MaybeUninit<T>],
+    sum: Option<&mut [MaybeUninit<T>]>,
     relu: Option<&mut [MaybeUninit<T>]>,
 ) {
-    let blocks = sum.len().div_ceil(MIN_PARALLEL_ELEMS);
-    sum.par_chunks_mut(MIN_PARALLEL_ELEMS)
-        .zip(a.par_chunks(MIN_PARALLEL_ELEMS))
+    let blocks = a.len().div_ceil(MIN_PARALLEL_ELEMS);
+    a.par_chunks(MIN_PARALLEL_ELEMS)
         .zip(b.par_chunks(MIN_PARALLEL_ELEMS))
+        .zip(blocks_mut(sum, MIN_PARALLEL_ELEMS, blocks))
         .zip(blocks_mut(relu, MIN_PARALLEL_ELEMS, blocks))
-        .for_each(|(((s, a), b), r)| {
-            let s = init(s);
-            for ((s, &a), &b) in s.iter_mut().zip(a).zip(b) {
-                *s = a + b;
+        .for_each(|(((a, b), s), r)| match (s, r) {
+            (Some(s), r) => {
+                let s = write(s, a.iter().zip(b).map(|(&a, &b)| a + b));
+                if let Some(r) = r {
+                    relu_into(s, r);
+                }
             }
-            if let Some(r) = r {
-                relu_into(s, init(r));
+            (None, Some(r)) => {
+                write(r, a.iter().zip(b).map(|(&a, &b)| relu_of(a + b)));
             }
+            (None, None) => {}
         });
 }
 
@@ -987,9 +1021,7 @@ pub fn relu_backward<T: Real>(x: &[T], grad: &[T], dx: &mut [MaybeUninit<T>]) {
         .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
         .zip(grad.par_chunks(MIN_PARALLEL_ELEMS))
         .for_each(|((dx, x), g)| {
-            for ((dx, &x), &g) in init(dx).iter_mut().zip(x).zip(g) {
-                *dx = if x > T::zero() { g } else { T::zero() };
-            }
+            write(dx, x.iter().zip(g).map(|(&x, &g)| masked(g, x)));
         });
 }
 

@@ -104,9 +104,9 @@ pub fn normalize_backward(std: &Tensor, grad: &Tensor) -> Result<Tensor> {
 /// What a BatchNorm forward pass leaves for its backward and for the running update.
 #[derive(Debug, Clone)]
 pub struct BnSaved {
-    /// The normalised input x̂, when the pass wrote it: always in train mode, whose dL/dx reads
-    /// it; on the CPU not in eval mode, whose dL/dx (`γ·inv_std·g`) does not
-    /// ([`BnSaved::x_hat`] recomputes it for a parameter gradient).
+    /// The normalised input x̂, when the pass wrote it: the stock ops write it in train mode,
+    /// whose dL/dx reads it; the CPU never does, its backward pass computes x̂ again from the
+    /// input element by element, and [`BnSaved::x_hat`] computes the tensor when asked.
     pub x_hat: Option<Tensor>,
     /// The BatchNorm's input x (the same storage as the pass's output of the node before).
     pub input: Tensor,
@@ -121,8 +121,8 @@ pub struct BnSaved {
 }
 
 impl BnSaved {
-    /// x̂ = (x − mean_c)·inv_std_c: the saved tensor, or (eval mode on the CPU) the same values
-    /// computed again from the input.
+    /// x̂ = (x − mean_c)·inv_std_c: the saved tensor, or (on the CPU) the same values computed
+    /// again from the input.
     ///
     /// # Errors
     /// On a device error.
@@ -150,6 +150,7 @@ pub fn batch_norm(
         (gamma, beta),
         (running_mean, running_var),
         train,
+        None,
         (true, false),
     )?;
     Ok((y.expect("asked for y"), saved))
@@ -170,28 +171,58 @@ pub fn batch_norm_relu(
         (gamma, beta),
         (running_mean, running_var),
         train,
+        None,
         (keep_y, true),
     )?;
     Ok((y, z.expect("asked for the relu"), saved))
 }
 
-/// The forward pass behind [`batch_norm`] and [`batch_norm_relu`].
+/// The end of a residual block fused: BatchNorm of `x`, the add of `residual` (the shortcut)
+/// and, when `relu`, the ReLU after it: `(y + residual, max(y + residual, 0), saved)` with
+/// y = [`batch_norm`]'s output, the sum `None` unless `keep_sum` and the ReLU `None` unless
+/// `relu`. The values are those of [`batch_norm`], [`add`] and [`relu`] in turn (the add is
+/// commutative in floating point, so the order of the plan's add inputs does not matter); the
+/// CPU writes them in one pass over x and the residual, and never writes y.
+pub fn batch_norm_add_relu(
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    (running_mean, running_var): (&Tensor, &Tensor),
+    train: bool,
+    residual: &Tensor,
+    (keep_sum, relu): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
+    batch_norm_outputs(
+        x,
+        (gamma, beta),
+        (running_mean, running_var),
+        train,
+        Some(residual),
+        (keep_sum, relu),
+    )
+}
+
+/// The forward pass behind [`batch_norm`], [`batch_norm_relu`] and [`batch_norm_add_relu`].
 fn batch_norm_outputs(
     x: &Tensor,
     affine: (&Tensor, &Tensor),
     running: (&Tensor, &Tensor),
     train: bool,
+    residual: Option<&Tensor>,
     (keep_y, relu): (bool, bool),
 ) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
     match (x.device(), x.dtype()) {
         (Device::Cpu, DType::F32) => {
-            cpu::batch_norm::<f32>(x, affine, running, train, (keep_y, relu))
+            cpu::batch_norm::<f32>(x, affine, running, train, residual, (keep_y, relu))
         }
         (Device::Cpu, DType::F64) => {
-            cpu::batch_norm::<f64>(x, affine, running, train, (keep_y, relu))
+            cpu::batch_norm::<f64>(x, affine, running, train, residual, (keep_y, relu))
         }
         _ => {
             let (y, saved) = stock::batch_norm(x, affine.0, affine.1, running.0, running.1, train)?;
+            let y = match residual {
+                Some(r) => (y + r)?,
+                None => y,
+            };
             let z = relu.then(|| y.relu()).transpose()?;
             Ok((keep_y.then_some(y), z, saved))
         }
@@ -337,19 +368,23 @@ pub fn relu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
 
 /// a + b (CPU: one parallel pass).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(add_relu(a, b, false)?.0)
+    Ok(add_relu(a, b, (true, false))?.0.expect("asked for the sum"))
 }
 
-/// A residual add and the ReLU after it: `(a + b, max(a + b, 0))`, the ReLU when `relu` is
-/// set. CPU: one parallel pass writes both.
-pub fn add_relu(a: &Tensor, b: &Tensor, relu: bool) -> Result<(Tensor, Option<Tensor>)> {
+/// A residual add and the ReLU after it: `(a + b, max(a + b, 0))`, the sum when `keep_sum`
+/// and the ReLU when `relu` is set. CPU: one parallel pass writes both.
+pub fn add_relu(
+    a: &Tensor,
+    b: &Tensor,
+    (keep_sum, relu): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
     match (a.device(), a.dtype()) {
-        (Device::Cpu, DType::F32) => cpu::add_relu::<f32>(a, b, relu),
-        (Device::Cpu, DType::F64) => cpu::add_relu::<f64>(a, b, relu),
+        (Device::Cpu, DType::F32) => cpu::add_relu::<f32>(a, b, (keep_sum, relu)),
+        (Device::Cpu, DType::F64) => cpu::add_relu::<f64>(a, b, (keep_sum, relu)),
         _ => {
             let sum = (a + b)?;
             let z = relu.then(|| sum.relu()).transpose()?;
-            Ok((sum, z))
+            Ok((keep_sum.then_some(sum), z))
         }
     }
 }
