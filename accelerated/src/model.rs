@@ -553,6 +553,47 @@ pub fn input_gradient_with(
         .expect("the pass starts at the input"))
 }
 
+/// The gradients reaching one node in a backward pass, summed in their order of arrival:
+/// `((g₁ + g₂) + g₃) + …`, the last add left undone until the node is reached, so a ReLU can
+/// do it in its own pass ([`ops::relu_backward_of_sum`]).
+#[derive(Debug, Clone, Default)]
+struct Incoming {
+    /// The sum of all but the last gradient (or the only one).
+    sum: Option<Tensor>,
+    /// The last gradient, when there are two or more.
+    last: Option<Tensor>,
+}
+
+impl Incoming {
+    fn add(&mut self, g: Tensor) -> Result<()> {
+        match (self.sum.take(), self.last.take()) {
+            (None, _) => self.sum = Some(g),
+            (Some(sum), None) => (self.sum, self.last) = (Some(sum), Some(g)),
+            (Some(sum), Some(last)) => {
+                (self.sum, self.last) = (Some(ops::add(&sum, &last)?), Some(g))
+            }
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sum.is_none()
+    }
+
+    /// The sum, and the slot emptied.
+    fn take(&mut self) -> Result<Option<Tensor>> {
+        match self.parts() {
+            (Some(sum), Some(last)) => Ok(Some(ops::add(&sum, &last)?)),
+            (sum, _) => Ok(sum),
+        }
+    }
+
+    /// The sum of all but the last gradient and the last one, and the slot emptied.
+    fn parts(&mut self) -> (Option<Tensor>, Option<Tensor>) {
+        (self.sum.take(), self.last.take())
+    }
+}
+
 /// The backward traversal of [`backward_with`] (`with_params`) and [`input_gradient_with`]
 /// (not `with_params`: only dL/dx of each op, [`Gradients::params`] stays empty).
 fn propagate(
@@ -571,13 +612,9 @@ fn propagate(
             .map(|block| (block.add, skip.branch_factor(block)))
             .collect()
     });
-    let mut node_grads: Vec<Option<Tensor>> = vec![None; last + 1];
-    fn add(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
-        *slot = Some(match slot.take() {
-            Some(total) => ops::add(&total, &g)?,
-            None => g,
-        });
-        Ok(())
+    let mut node_grads: Vec<Incoming> = vec![Incoming::default(); last + 1];
+    fn add(slot: &mut Incoming, g: Tensor) -> Result<()> {
+        slot.add(g)
     }
     // How many nodes of the pass read each node's output.
     let mut readers = vec![0usize; last + 1];
@@ -596,11 +633,61 @@ fn propagate(
     let path = &trace.path;
     let train = trace.mode == BnMode::Train;
     let mut grads = Gradients::default();
+    // In an input-only pass through an eval-mode BatchNorm whose input is a convolution that
+    // nothing else reads or seeds, BatchNorm's dL/dx is left for that convolution to compute
+    // while reading it (ops::conv2d_backward_input_through_bn): by convolution node, the
+    // gradient at the BatchNorm (or at its ReLU, whose output is the mask), the ReLU node if
+    // any and the BatchNorm node.
+    let mut through_bn: BTreeMap<NodeId, (Tensor, Option<NodeId>, NodeId)> = BTreeMap::new();
+    let defer_to = |bn_id: NodeId, node_grads: &[Incoming]| -> Option<NodeId> {
+        let conv = plan.nodes[bn_id].inputs[0];
+        (!with_params
+            && !train
+            && matches!(plan.nodes[conv].op, Op::Conv { .. })
+            && readers[conv] == 1
+            && node_grads[conv].is_empty())
+        .then_some(conv)
+    };
     for id in (0..=last).rev() {
-        let Some(g) = node_grads[id].take() else {
+        if let Some((g, relu, bn_id)) = through_bn.remove(&id) {
+            let node = &plan.nodes[id];
+            let (
+                Op::Conv {
+                    stride,
+                    padding,
+                    weight,
+                    ..
+                },
+                Op::BatchNorm { params, .. },
+            ) = (&node.op, &plan.nodes[bn_id].op)
+            else {
+                unreachable!("deferred from a BatchNorm to the convolution before it")
+            };
+            let gamma = state.tensor(&params.select(path).weight);
+            let gx = ops::conv2d_backward_input_through_bn(
+                trace.output(node.inputs[0]),
+                state.tensor(weight.select(path)),
+                (&g, relu.map(|r| trace.output(r))),
+                (gamma, &trace.bn[&bn_id]),
+                *stride,
+                *padding,
+            )?;
+            add(&mut node_grads[node.inputs[0]], gx)?;
+            continue;
+        }
+        let node = &plan.nodes[id];
+        // A ReLU reached by several gradients (a residual block's output): the backward of
+        // their sum in one pass, without writing the sum.
+        if node.op == Op::Relu && node_grads[id].last.is_some() {
+            if let (Some(sum), Some(last)) = node_grads[id].parts() {
+                let gx = ops::relu_backward_of_sum(trace.output(id), &sum, &last)?;
+                add(&mut node_grads[node.inputs[0]], gx)?;
+                continue;
+            }
+        }
+        let Some(g) = node_grads[id].take()? else {
             continue;
         };
-        let node = &plan.nodes[id];
         let x = |k: usize| trace.output(node.inputs[k]);
         let input = |k: usize| node.inputs[k];
         match &node.op {
@@ -626,6 +713,10 @@ fn propagate(
                 };
                 add(&mut node_grads[input(0)], gx)?;
             }
+            Op::BatchNorm { .. } if defer_to(id, &node_grads).is_some() => {
+                let conv = defer_to(id, &node_grads).expect("checked");
+                through_bn.insert(conv, (g, None, id));
+            }
             Op::BatchNorm { params, .. } => {
                 let names = params.select(path);
                 let saved = &trace.bn[&id];
@@ -646,10 +737,14 @@ fn propagate(
             Op::Relu
                 if fused_relu(plan, input(0))
                     && readers[input(0)] == 1
-                    && node_grads[input(0)].is_none()
+                    && node_grads[input(0)].is_empty()
                     && matches!(plan.nodes[input(0)].op, Op::BatchNorm { .. }) =>
             {
                 let bn_id = input(0);
+                if let Some(conv) = defer_to(bn_id, &node_grads) {
+                    through_bn.insert(conv, (g, Some(id), bn_id));
+                    continue;
+                }
                 let Op::BatchNorm { params, .. } = &plan.nodes[bn_id].op else {
                     unreachable!("matched above")
                 };

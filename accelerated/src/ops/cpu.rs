@@ -133,6 +133,60 @@ pub fn conv2d_backward_input<T: Real>(
     tensor(unsafe { dx.written() }, x.dims())
 }
 
+/// See [`super::conv2d_backward_input_through_bn`]: [`conv2d_backward_input`] of
+/// `scale_c · masked(grad, mask)` with `scale = γ·inv_std` ([`k::ScaledGrad`]), read on the fly.
+pub fn conv2d_backward_input_scaled<T: Real>(
+    x: &Tensor,
+    w: &Tensor,
+    (grad, mask): (&Tensor, Option<&Tensor>),
+    (gamma, inv_std): (&Tensor, &Tensor),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let g = geometry(x, w, stride, padding)?;
+    check_grad(&g, grad)?;
+    if let Some(m) = mask {
+        if m.dims() != grad.dims() {
+            bail!(
+                "conv2d backward through relu: mask {:?}, gradient {:?}",
+                m.dims(),
+                grad.dims()
+            );
+        }
+    }
+    if gamma.dims() != [g.c_out] || inv_std.dims() != [g.c_out] {
+        bail!(
+            "conv2d backward through batch norm: gamma {:?}, inv_std {:?}, {} channels",
+            gamma.dims(),
+            inv_std.dims(),
+            g.c_out
+        );
+    }
+    // The same scale as `batch_norm_backward`'s.
+    let scale = with2(gamma, inv_std, |gamma: &[T], inv_std| {
+        Ok(gamma
+            .iter()
+            .zip(inv_std)
+            .map(|(&g, &s)| g * s)
+            .collect::<Vec<T>>())
+    })?;
+    let mask = mask.map(Tensor::contiguous).transpose()?;
+    let mask_host = mask.as_ref().map(host).transpose()?;
+    let mask = mask_host.as_ref().map(|m| m.slice::<T>()).transpose()?;
+    let mut dx = Uninit::<T>::new(g.n * g.c_in * g.h * g.w);
+    with2(w, grad, |w, dy| {
+        let dy = k::ScaledGrad {
+            grad: dy,
+            mask,
+            scale: &scale,
+        };
+        k::conv2d_backward_input_scaled(&g, w, dy, dx.slots());
+        Ok(())
+    })?;
+    // SAFETY: `conv2d_backward_input_scaled` writes every element of its output.
+    tensor(unsafe { dx.written() }, x.dims())
+}
+
 fn check_grad(g: &ConvGeom, grad: &Tensor) -> Result<()> {
     let want = [g.n, g.c_out, g.out_h(), g.out_w()];
     if grad.dims() != want {
@@ -305,18 +359,23 @@ pub fn batch_norm_backward<T: Real>(
     Ok((tensor(dx, grad.dims())?, params))
 }
 
-/// See [`super::stock::relu_backward`].
-pub fn relu_backward<T: Real>(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    if x.dims() != grad.dims() {
+/// See [`super::stock::relu_backward`]; with `also`, of the sum `grad + also`
+/// ([`super::relu_backward_of_sum`]).
+pub fn relu_backward<T: Real>(x: &Tensor, grad: &Tensor, also: Option<&Tensor>) -> Result<Tensor> {
+    if x.dims() != grad.dims() || also.is_some_and(|a| a.dims() != grad.dims()) {
         bail!(
-            "relu backward: input {:?}, gradient {:?}",
+            "relu backward: input {:?}, gradient {:?}{}",
             x.dims(),
-            grad.dims()
+            grad.dims(),
+            also.map_or(String::new(), |a| format!(" + {:?}", a.dims()))
         );
     }
     let mut dx = Uninit::<T>::new(x.elem_count());
+    let also = also.map(Tensor::contiguous).transpose()?;
+    let also_host = also.as_ref().map(host).transpose()?;
+    let also = also_host.as_ref().map(|a| a.slice::<T>()).transpose()?;
     with2(x, grad, |x, g| {
-        k::relu_backward(x, g, dx.slots());
+        k::relu_backward(x, g, also, dx.slots());
         Ok(())
     })?;
     // SAFETY: `relu_backward` writes every element of its output.
@@ -572,6 +631,37 @@ mod tests {
                 &stock::conv2d_backward_input(&x, &w, &g, s, p).expect("stock dx"),
                 &sdx,
             );
+            // Through an eval-mode BatchNorm (and ReLU): the same bits as BatchNorm's dL/dx
+            // written out, then dL/dx of the convolution.
+            let c_out = w.dims()[0];
+            let gamma = random(&[c_out], dtype, &mut rng);
+            let rm = random(&[c_out], dtype, &mut rng);
+            let rv = (random(&[c_out], dtype, &mut rng).abs().expect("abs") + 0.1).expect("rv");
+            let (bn_y, saved) = super::super::batch_norm(&y, &gamma, &rm, &rm, &rv, false)
+                .expect("eval batch norm");
+            let mask = bn_y.relu().expect("relu");
+            for mask in [None, Some(&mask)] {
+                let dy = match mask {
+                    Some(m) => {
+                        super::super::relu_batch_norm_backward_input(m, &gamma, &saved, &g, false)
+                    }
+                    None => super::super::batch_norm_backward_input(&gamma, &saved, &g, false),
+                }
+                .expect("batch norm dL/dx");
+                assert_same(
+                    &format!("{what} dL/dx through batch norm, mask {}", mask.is_some()),
+                    &super::super::conv2d_backward_input_through_bn(
+                        &x,
+                        &w,
+                        (&g, mask),
+                        (&gamma, &saved),
+                        s,
+                        p,
+                    )
+                    .expect("through batch norm"),
+                    &conv2d_backward_input::<T>(&x, &w, &dy, s, p).expect("cpu dx"),
+                );
+            }
         }
         // A strided view as input: made contiguous first.
         let x = random(&[3, 2, 6, 6], dtype, &mut rng)
@@ -693,7 +783,7 @@ mod tests {
                 );
                 // The fused ReLU + BatchNorm backward: the same bits as the ReLU's backward
                 // followed by BatchNorm's, with the mask from y or from max(y, 0).
-                let g_relu = relu_backward::<T>(&y, &g).expect("relu backward");
+                let g_relu = relu_backward::<T>(&y, &g, None).expect("relu backward");
                 let (rdx, rdg, rdb) =
                     super::super::batch_norm_backward(&gamma, &saved, &g_relu, train)
                         .expect("unfused");
@@ -749,11 +839,19 @@ mod tests {
                 .expect("x with exact zeros");
             let zeros = x.le(0.0).and_then(|z| z.to_dtype(DType::F64)).expect("le");
             let g = random(&[len], dtype, &mut rng);
-            let dx = relu_backward::<T>(&x, &g).expect("cpu relu backward");
+            let dx = relu_backward::<T>(&x, &g, None).expect("cpu relu backward");
             assert_close(
                 &format!("relu backward len={len}"),
                 &dx,
                 &stock::relu_backward(&x, &g).expect("stock"),
+            );
+            // Of a sum of two gradients: the add, then the ReLU's backward, bit for bit.
+            let also = random(&[len], dtype, &mut rng);
+            assert_same(
+                &format!("relu backward of a sum len={len}"),
+                &super::super::relu_backward_of_sum(&x, &g, &also).expect("fused"),
+                &relu_backward::<T>(&x, &super::super::add(&g, &also).expect("add"), None)
+                    .expect("unfused"),
             );
             let at_zero = (dx.to_dtype(DType::F64).expect("f64") * zeros)
                 .and_then(|t| t.abs())

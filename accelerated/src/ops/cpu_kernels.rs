@@ -36,6 +36,17 @@ pub trait Real: WithDType {
         false
     }
 
+    /// [`conv2d`] of `x`'s values computed on the fly (see [`ScaledGrad`]) with a kernel of
+    /// this type's own; `false` leaves `y` untouched.
+    fn direct_conv2d_scaled(
+        _g: &ConvGeom,
+        _x: ScaledGrad<'_, Self>,
+        _w: &[Self],
+        _y: &mut [MaybeUninit<Self>],
+    ) -> bool {
+        false
+    }
+
     /// [`conv2d_backward_weight`] with a kernel of this type's own (f32: [`direct_conv`]),
     /// summing the batch in `parts` ranges; `None` for im2col + GEMM.
     fn direct_conv2d_backward_weight(
@@ -52,7 +63,20 @@ impl Real for f32 {
     fn direct_conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) -> bool {
         let applies = direct_conv::applies(g);
         if applies {
-            direct_conv::conv2d(g, x, w, y);
+            direct_conv::conv2d(g, direct_conv::Source::Plain(x), w, y);
+        }
+        applies
+    }
+
+    fn direct_conv2d_scaled(
+        g: &ConvGeom,
+        x: ScaledGrad<'_, f32>,
+        w: &[f32],
+        y: &mut [MaybeUninit<f32>],
+    ) -> bool {
+        let applies = direct_conv::applies(g);
+        if applies {
+            direct_conv::conv2d(g, direct_conv::Source::Scaled(x), w, y);
         }
         applies
     }
@@ -604,6 +628,70 @@ pub fn conv2d_backward_input<T: Real>(g: &ConvGeom, w: &[T], dy: &[T], dx: &mut 
         });
 }
 
+/// dL/dy of a convolution whose output an eval-mode BatchNorm (and the ReLU after it) read,
+/// from the gradient at their output: `scale_c · masked(grad, mask)` with `scale = γ·inv_std`
+/// (without a mask, `scale_c · grad`), the values [`batch_norm_backward_input`] writes in eval
+/// mode. [`conv2d_backward_input_scaled`] reads it without writing it out.
+#[derive(Clone, Copy)]
+pub struct ScaledGrad<'a, T> {
+    /// dL/d(BatchNorm output), or dL/d(ReLU output) with the ReLU's `mask`, `[N, C, H, W]`.
+    pub grad: &'a [T],
+    pub mask: Option<&'a [T]>,
+    /// `γ_c·inv_std_c`, `[C]`.
+    pub scale: &'a [T],
+}
+
+impl<T: Real> ScaledGrad<'_, T> {
+    /// The values at `range` (inside one map of channel `c`) into `dst`: the same formula as
+    /// [`batch_norm_backward_input`] in eval mode, so the same bits.
+    pub(super) fn row(&self, c: usize, range: std::ops::Range<usize>, dst: &mut [T]) {
+        let s = self.scale[c];
+        let g = &self.grad[range.clone()];
+        match self.mask {
+            Some(m) => {
+                for ((d, &g), &m) in dst.iter_mut().zip(g).zip(&m[range]) {
+                    *d = s * masked(g, m);
+                }
+            }
+            None => {
+                for (d, &g) in dst.iter_mut().zip(g) {
+                    *d = s * g;
+                }
+            }
+        }
+    }
+
+    /// All values, written out (for a convolution without a direct kernel).
+    fn values(&self, hw: usize) -> Vec<T> {
+        let mut out = Uninit::new(self.grad.len());
+        let grad = BnGrad {
+            grad: self.grad,
+            mask: self.mask,
+        };
+        // Eval mode (no x̂) reads neither mean.
+        batch_norm_backward_input(grad, None, self.scale, (&[], &[]), hw, out.slots());
+        // SAFETY: `batch_norm_backward_input` writes every element of its output.
+        unsafe { out.written() }
+    }
+}
+
+/// [`conv2d_backward_input`] of `dy` given as a [`ScaledGrad`]: the direct kernel computes its
+/// values while copying each image in; otherwise they are written out first. The same bits
+/// as [`conv2d_backward_input`] of [`batch_norm_backward_input`]'s output.
+pub fn conv2d_backward_input_scaled<T: Real>(
+    g: &ConvGeom,
+    w: &[T],
+    dy: ScaledGrad<'_, T>,
+    dx: &mut [MaybeUninit<T>],
+) {
+    if let Some(transposed) = backward_input_as_conv(g) {
+        if T::direct_conv2d_scaled(&transposed, dy, &flip_transpose(g, w), dx) {
+            return;
+        }
+    }
+    conv2d_backward_input(g, w, &dy.values(g.out_pixels()), dx)
+}
+
 /// Convolution dL/dw: the type's direct kernel where it has one
 /// ([`Real::direct_conv2d_backward_weight`], the geometries of [`Real::direct_conv2d`]), else
 /// `dW = Σ_chunks dY_chunk · cols(X_chunk)ᵀ` (`[C_out, K]`, i.e.
@@ -1015,13 +1103,26 @@ pub fn add_relu<T: Real>(
         });
 }
 
-/// ReLU dL/dx in one pass: `dx = g` where `x > 0`, else 0.
-pub fn relu_backward<T: Real>(x: &[T], grad: &[T], dx: &mut [MaybeUninit<T>]) {
+/// ReLU dL/dx in one pass: `dx = g` where `x > 0`, else 0; with `also`, of the sum of two
+/// gradients, `g + also` (rounded, then masked: the add and the ReLU's backward in turn).
+pub fn relu_backward<T: Real>(x: &[T], grad: &[T], also: Option<&[T]>, dx: &mut [MaybeUninit<T>]) {
+    let blocks = x.len().div_ceil(MIN_PARALLEL_ELEMS);
+    let also: Vec<Option<&[T]>> = match also {
+        Some(a) => a.chunks(MIN_PARALLEL_ELEMS).map(Some).collect(),
+        None => vec![None; blocks],
+    };
     dx.par_chunks_mut(MIN_PARALLEL_ELEMS)
         .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
         .zip(grad.par_chunks(MIN_PARALLEL_ELEMS))
-        .for_each(|((dx, x), g)| {
-            write(dx, x.iter().zip(g).map(|(&x, &g)| masked(g, x)));
+        .zip(also)
+        .for_each(|(((dx, x), g), also)| match also {
+            None => {
+                write(dx, x.iter().zip(g).map(|(&x, &g)| masked(g, x)));
+            }
+            Some(a) => {
+                let values = x.iter().zip(g).zip(a);
+                write(dx, values.map(|((&x, &g), &a)| masked(g + a, x)));
+            }
         });
 }
 

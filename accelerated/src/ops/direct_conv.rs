@@ -19,7 +19,7 @@
 //! `dy · x` over every output vector of a group of images, then join per-weight lane partial
 //! sums that are added across lanes once, at the end.
 
-use super::cpu_kernels::{sum_in_order, ConvGeom};
+use super::cpu_kernels::{sum_in_order, ConvGeom, ScaledGrad};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -82,27 +82,63 @@ fn has_avx512() -> bool {
     false
 }
 
+/// The image a convolution reads.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// The values as they are.
+    Plain(&'a [f32]),
+    /// `scale_c · masked(grad, mask)`, computed while the kernel copies the image in: a
+    /// backward pass's dL/dy through an eval-mode BatchNorm (and the ReLU after it), never
+    /// written as a tensor of its own ([`ScaledGrad`]).
+    Scaled(ScaledGrad<'a, f32>),
+}
+
+impl<'a> Source<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Source::Plain(x) => x.len(),
+            Source::Scaled(s) => s.grad.len(),
+        }
+    }
+
+    /// Elements `start..start + len` (whole images).
+    fn range(&self, start: usize, len: usize) -> Source<'a> {
+        match *self {
+            Source::Plain(x) => Source::Plain(&x[start..start + len]),
+            Source::Scaled(s) => Source::Scaled(ScaledGrad {
+                grad: &s.grad[start..start + len],
+                mask: s.mask.map(|m| &m[start..start + len]),
+                scale: s.scale,
+            }),
+        }
+    }
+}
+
 /// The convolution `y = conv(x, w)` (`[N, C_in, H, W] * [C_out, C_in, 3, 3]`, output
 /// `[N, C_out, H, W]`); `g` must satisfy [`applies`]. One range of images per thread.
-pub fn conv2d(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [MaybeUninit<f32>]) {
+pub fn conv2d(g: &ConvGeom, x: Source<'_>, w: &[f32], y: &mut [MaybeUninit<f32>]) {
     assert!(
         applies(g),
         "direct_conv::conv2d on an unsupported geometry {g:?}"
     );
     let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.h * g.w);
     assert_eq!(x.len(), g.n * in_image, "conv2d input length");
+    if let Source::Scaled(s) = x {
+        assert_eq!(s.scale.len(), g.c_in, "conv2d input scale length");
+        assert!(
+            s.mask.is_none_or(|m| m.len() == x.len()),
+            "conv2d mask length"
+        );
+    }
     assert_eq!(y.len(), g.n * out_image, "conv2d output length");
     assert_eq!(w.len(), g.c_out * g.c_in * 9, "conv2d weight length");
     let per_task = g.n.div_ceil(rayon::current_num_threads().max(1)).max(1);
     y.par_chunks_mut(per_task * out_image)
-        .zip(x.par_chunks(per_task * in_image))
-        .for_each(|(ys, xs)| {
+        .enumerate()
+        .for_each(|(task, ys)| {
             let mut padded = Padded::new(g);
-            for (y, x) in ys
-                .chunks_exact_mut(out_image)
-                .zip(xs.chunks_exact(in_image))
-            {
-                padded.fill(g, x);
+            for (i, y) in ys.chunks_exact_mut(out_image).enumerate() {
+                padded.fill(g, x.range((task * per_task + i) * in_image, in_image));
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the lengths were checked
                 // above and `padded` holds one image in the layout `Layout::of(g)`.
@@ -148,7 +184,7 @@ pub fn conv2d_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], parts: usize)
             {
                 let images = xs.len() / in_image;
                 for (p, x) in padded.iter_mut().zip(xs.chunks_exact(in_image)) {
-                    p.fill(g, x);
+                    p.fill(g, Source::Plain(x));
                 }
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the first `images`
@@ -222,12 +258,16 @@ impl Padded {
     }
 
     /// Copies the image `x` (`[C_in, H, W]`) inside the border, which stays zero.
-    fn fill(&mut self, g: &ConvGeom, x: &[f32]) {
+    fn fill(&mut self, g: &ConvGeom, x: Source<'_>) {
         let at = Layout::of(g);
-        for (c, channel) in x.chunks_exact(g.h * g.w).enumerate() {
-            for (i, line) in channel.chunks_exact(g.w).enumerate() {
-                // Column 0 of the image is tap v = 1 of output column 0.
-                self.data[at.tap(c, i + 1, 1)..][..g.w].copy_from_slice(line);
+        // Column 0 of the image is tap v = 1 of output column 0.
+        let rows = (0..g.c_in).flat_map(|c| (0..g.h).map(move |i| (c, i)));
+        for (k, (c, i)) in rows.enumerate() {
+            let line = k * g.w..(k + 1) * g.w;
+            let dst = &mut self.data[at.tap(c, i + 1, 1)..][..g.w];
+            match x {
+                Source::Plain(x) => dst.copy_from_slice(&x[line]),
+                Source::Scaled(s) => s.row(c, line, dst),
             }
         }
     }
@@ -645,7 +685,7 @@ mod tests {
             let k = uniform(c_out * c_in * 9, &mut rng);
             // NaN where the kernel would leave an element unwritten.
             let mut y = vec![MaybeUninit::new(f32::NAN); n * c_out * h * w];
-            conv2d(&g, &x, &k, &mut y);
+            conv2d(&g, Source::Plain(&x), &k, &mut y);
             // SAFETY: every element was initialised (to NaN) before the kernel ran.
             let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
             let bound = 2.0 * f32::EPSILON as f64 * (9 * c_in) as f64;

@@ -134,6 +134,44 @@ impl BnSaved {
     }
 }
 
+/// dL/dx of a convolution whose output an eval-mode BatchNorm read, from `grad` at the
+/// BatchNorm's output (or, with `mask`, at the output of the ReLU after it): the value of
+/// [`conv2d_backward_input`] of [`relu_batch_norm_backward_input`] (eval mode; without a mask,
+/// [`batch_norm_backward_input`]), bit for bit. The CPU's direct kernel computes BatchNorm's
+/// dL/dx while copying each image in, so it is never written out (input gradients of Eq. 2 and
+/// of attacks).
+pub fn conv2d_backward_input_through_bn(
+    x: &Tensor,
+    w: &Tensor,
+    (grad, mask): (&Tensor, Option<&Tensor>),
+    (gamma, saved): (&Tensor, &BnSaved),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    match (grad.device(), grad.dtype()) {
+        (Device::Cpu, DType::F32) => cpu::conv2d_backward_input_scaled::<f32>(
+            x,
+            w,
+            (grad, mask),
+            (gamma, &saved.inv_std),
+            stride,
+            padding,
+        ),
+        (Device::Cpu, DType::F64) => cpu::conv2d_backward_input_scaled::<f64>(
+            x,
+            w,
+            (grad, mask),
+            (gamma, &saved.inv_std),
+            stride,
+            padding,
+        ),
+        _ => {
+            let dy = bn_backward_input(mask, gamma, saved, grad, false)?;
+            conv2d_backward_input(x, w, &dy, stride, padding)
+        }
+    }
+}
+
 /// BatchNorm2d forward: `y = γ·x̂ + β`, `x̂ = (x − μ_c) / sqrt(σ²_c + eps)`. Train mode takes μ, σ²
 /// as the batch mean and biased variance over (N, H, W); eval mode `running_mean` /
 /// `running_var`. CPU: one statistics pass per channel and one fused normalise-and-scale pass.
@@ -363,7 +401,22 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 
 /// dL/dx of [`relu`]: g where x > 0, else 0 (CPU: one fused pass).
 pub fn relu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    dispatch!(x, relu_backward(x, grad))
+    match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32) => cpu::relu_backward::<f32>(x, grad, None),
+        (Device::Cpu, DType::F64) => cpu::relu_backward::<f64>(x, grad, None),
+        _ => stock::relu_backward(x, grad),
+    }
+}
+
+/// [`relu_backward`] of the sum of two gradients, `(a + b)` where x > 0, else 0: the same bits
+/// as [`add`] then [`relu_backward`] (a backward pass where a ReLU's output has two readers,
+/// a residual block's output). The CPU does both in one pass, never writing the sum.
+pub fn relu_backward_of_sum(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32) => cpu::relu_backward::<f32>(x, a, Some(b)),
+        (Device::Cpu, DType::F64) => cpu::relu_backward::<f64>(x, a, Some(b)),
+        _ => stock::relu_backward(x, &add(a, b)?),
+    }
 }
 
 /// a + b (CPU: one parallel pass).
