@@ -363,9 +363,14 @@ fn im2col<T: Real>(g: &ConvGeom, x: &[T], cols: &mut [T], at: Block) {
         if g.stride == 1 {
             dst.copy_from_slice(&src[ix0..ix0 + dst.len()]);
         } else {
-            for (j, d) in dst.iter_mut().enumerate() {
-                *d = src[ix0 + j * g.stride];
-            }
+            // Every stride-th pixel from ix0 (an iterator, so no bounds check per element).
+            let len = dst.len();
+            let picked = src[ix0..].iter().step_by(g.stride);
+            assert!(
+                picked.len() >= len,
+                "a patch row reads inside its image row"
+            );
+            dst.iter_mut().zip(picked).for_each(|(d, &s)| *d = s);
         }
     });
 }
@@ -383,9 +388,12 @@ fn col2im<T: Real>(g: &ConvGeom, dcols: &[T], at: Block, dx: &mut [T]) {
                 *d += s;
             }
         } else {
-            for (j, &s) in src.iter().enumerate() {
-                dst[ix0 + j * g.stride] += s;
-            }
+            let picked = dst[ix0..].iter_mut().step_by(g.stride);
+            assert!(
+                picked.len() >= src.len(),
+                "a patch row adds inside its image row"
+            );
+            picked.zip(src).for_each(|(d, &s)| *d += s);
         }
     });
 }
