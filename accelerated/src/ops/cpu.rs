@@ -555,6 +555,25 @@ mod tests {
         }
     }
 
+    /// The outputs of a fused add (+ ReLU): those asked for, bit-identical to `sum` and
+    /// `max(sum, 0)`.
+    #[track_caller]
+    fn assert_sum_relu(
+        what: &str,
+        (got_sum, got_relu): (Option<Tensor>, Option<Tensor>),
+        (keep_sum, relu): (bool, bool),
+        sum: &Tensor,
+    ) {
+        assert_eq!(got_sum.is_some(), keep_sum, "{what}: sum written");
+        assert_eq!(got_relu.is_some(), relu, "{what}: relu written");
+        if let Some(s) = got_sum {
+            assert_same(&format!("{what} sum"), &s, sum);
+        }
+        if let Some(z) = got_relu {
+            assert_same(&format!("{what} relu"), &z, &sum.relu().expect("relu"));
+        }
+    }
+
     /// Bit-identical values (the input-only backward ops against the full ones).
     #[track_caller]
     fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
@@ -743,18 +762,8 @@ mod tests {
                         (keep_sum, relu),
                     )
                     .expect("fused add");
-                    assert_eq!(fsum.is_some(), keep_sum, "{what}: sum kept");
-                    assert_eq!(z.is_some(), relu, "{what}: relu written");
-                    if let Some(fsum) = fsum {
-                        assert_same(&format!("{what} fused add sum"), &fsum, &sum);
-                    }
-                    if let Some(z) = z {
-                        assert_same(
-                            &format!("{what} fused add relu"),
-                            &z,
-                            &sum.relu().expect("relu"),
-                        );
-                    }
+                    let what = format!("{what} fused add");
+                    assert_sum_relu(&what, (fsum, z), (keep_sum, relu), &sum);
                     assert_same(&format!("{what} fused add mean"), &fsaved.mean, &saved.mean);
                     assert_same(
                         &format!("{what} fused add inv_std"),
@@ -817,18 +826,8 @@ mod tests {
             );
             let sum = (&a + &b).expect("sum");
             for (keep_sum, relu) in [(true, true), (false, true), (true, false)] {
-                let (s, z) = add_relu::<T>(&a, &b, (keep_sum, relu)).expect("add relu");
-                assert_eq!((s.is_some(), z.is_some()), (keep_sum, relu), "add outputs");
-                if let Some(s) = s {
-                    assert_same(&format!("add len={len}"), &s, &sum);
-                }
-                if let Some(z) = z {
-                    assert_same(
-                        &format!("add relu len={len}"),
-                        &z,
-                        &sum.relu().expect("relu"),
-                    );
-                }
+                let outputs = add_relu::<T>(&a, &b, (keep_sum, relu)).expect("add relu");
+                assert_sum_relu(&format!("add len={len}"), outputs, (keep_sum, relu), &sum);
             }
         }
 
