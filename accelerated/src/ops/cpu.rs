@@ -145,15 +145,7 @@ pub fn conv2d_backward_input_scaled<T: Real>(
 ) -> Result<Tensor> {
     let g = geometry(x, w, stride, padding)?;
     check_grad(&g, grad)?;
-    if let Some(m) = mask {
-        if m.dims() != grad.dims() {
-            bail!(
-                "conv2d backward through relu: mask {:?}, gradient {:?}",
-                m.dims(),
-                grad.dims()
-            );
-        }
-    }
+    check_mask("conv2d backward through relu", mask, grad)?;
     if gamma.dims() != [g.c_out] || inv_std.dims() != [g.c_out] {
         bail!(
             "conv2d backward through batch norm: gamma {:?}, inv_std {:?}, {} channels",
@@ -162,14 +154,7 @@ pub fn conv2d_backward_input_scaled<T: Real>(
             g.c_out
         );
     }
-    // The same scale as `batch_norm_backward`'s.
-    let scale = with2(gamma, inv_std, |gamma: &[T], inv_std| {
-        Ok(gamma
-            .iter()
-            .zip(inv_std)
-            .map(|(&g, &s)| g * s)
-            .collect::<Vec<T>>())
-    })?;
+    let scale = bn_scale::<T>(gamma, inv_std)?;
     let mask = mask.map(Tensor::contiguous).transpose()?;
     let mask_host = mask.as_ref().map(host).transpose()?;
     let mask = mask_host.as_ref().map(|m| m.slice::<T>()).transpose()?;
@@ -185,6 +170,24 @@ pub fn conv2d_backward_input_scaled<T: Real>(
     })?;
     // SAFETY: `conv2d_backward_input_scaled` writes every element of its output.
     tensor(unsafe { dx.written() }, x.dims())
+}
+
+/// BatchNorm's dL/dx scale per channel, `γ_c·inv_std_c`: one expression for every backward
+/// pass that applies it, so they give the same bits.
+fn bn_scale<T: Real>(gamma: &Tensor, inv_std: &Tensor) -> Result<Vec<T>> {
+    with2(gamma, inv_std, |gamma: &[T], inv_std| {
+        Ok(gamma.iter().zip(inv_std).map(|(&g, &s)| g * s).collect())
+    })
+}
+
+/// A ReLU mask must have the gradient's shape.
+fn check_mask(what: &str, mask: Option<&Tensor>, grad: &Tensor) -> Result<()> {
+    if let Some(m) = mask {
+        if m.dims() != grad.dims() {
+            bail!("{what}: mask {:?}, gradient {:?}", m.dims(), grad.dims());
+        }
+    }
+    Ok(())
 }
 
 fn check_grad(g: &ConvGeom, grad: &Tensor) -> Result<()> {
@@ -297,26 +300,12 @@ pub fn batch_norm_backward<T: Real>(
     (train, params): (bool, bool),
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let (n, c, h, w) = grad.dims4()?;
-    if let Some(m) = mask {
-        if m.dims() != grad.dims() {
-            bail!(
-                "relu + batch norm backward: mask {:?}, gradient {:?}",
-                m.dims(),
-                grad.dims()
-            );
-        }
-    }
+    check_mask("relu + batch norm backward", mask, grad)?;
     let count = (n * h * w) as f64;
     let mask = mask.map(Tensor::contiguous).transpose()?;
     let mask_host = mask.as_ref().map(host).transpose()?;
     let mask = mask_host.as_ref().map(|m| m.slice::<T>()).transpose()?;
-    let scale = with2(gamma, &saved.inv_std, |gamma: &[T], inv_std| {
-        Ok(gamma
-            .iter()
-            .zip(inv_std)
-            .map(|(&g, &s)| g * s)
-            .collect::<Vec<T>>())
-    })?;
+    let scale = bn_scale::<T>(gamma, &saved.inv_std)?;
     // x̂, computed again from the input, is read by the sums (train mode or parameter
     // gradients) and by a train-mode dx.
     let input = saved.input.contiguous()?;
