@@ -13,7 +13,7 @@ use eio_spec::config::{BnMode, DistillConfig};
 use eio_spec::{Path, Plan};
 use rand::Rng;
 
-use crate::model::{forward_for_backward, input_gradient};
+use crate::model::{forward_groups, input_gradient};
 use crate::ops;
 use crate::state::ModelState;
 
@@ -61,38 +61,101 @@ pub fn eq2_distill<R: Rng + ?Sized>(
     config: &DistillConfig,
     rng: &mut R,
 ) -> Result<Distilled> {
+    let mut one = lock_step(
+        plan,
+        state,
+        std::slice::from_ref(path),
+        layer,
+        (x_t, x_s),
+        config,
+        rng,
+    )?;
+    Ok(one.pop().expect("one distillation per path"))
+}
+
+/// [`eq2_distill`] for each of `paths` in turn (Algorithm 1 line 17, the p distillations of
+/// one iteration), with the same results. With eval-mode BatchNorm nothing a distillation
+/// reads changes between them, so they advance in lock-step: each step is one path-batched
+/// pass over one copy of the batch per path ([`forward_groups`]). Train-mode BatchNorm updates
+/// running statistics at every step, in the order of the paths, so those distillations run one
+/// after the other.
+///
+/// # Errors
+/// On a device error.
+#[allow(clippy::too_many_arguments)] // as eq2_distill, with the paths
+pub fn eq2_distill_paths<R: Rng + ?Sized>(
+    plan: &Plan,
+    state: &mut ModelState,
+    paths: &[Path],
+    layer: usize,
+    x_t: &Tensor,
+    x_s: &Tensor,
+    config: &DistillConfig,
+    rng: &mut R,
+) -> Result<Vec<Distilled>> {
+    match config.bn_mode {
+        BnMode::Eval => lock_step(plan, state, paths, layer, (x_t, x_s), config, rng),
+        BnMode::Train => paths
+            .iter()
+            .map(|path| eq2_distill(plan, state, path, layer, x_t, x_s, config, rng))
+            .collect(),
+    }
+}
+
+/// The distillations of `paths` in lock-step, one group of images per path (for one path,
+/// [`eq2_distill`] itself).
+fn lock_step<R: Rng + ?Sized>(
+    plan: &Plan,
+    state: &mut ModelState,
+    paths: &[Path],
+    layer: usize,
+    (x_t, x_s): (&Tensor, &Tensor),
+    config: &DistillConfig,
+    rng: &mut R,
+) -> Result<Vec<Distilled>> {
     let eps = config.eps;
     let alpha = config.step_size();
     let feature = plan.feature_node(layer, config.feature, config.first_layer_before_relu);
+    let groups = paths.len();
+    let copies = |x: &Tensor| Tensor::cat(&vec![x; groups], 0);
+    let x_s = copies(x_s)?;
+    let x_t = copies(x_t)?;
+    // Each path's start, drawn in the order of the paths (as one distillation after another).
     let mut z = if config.random_start {
-        random_start(x_s, eps, rng)?
+        let n = x_s.dim(0)? / groups;
+        let starts = (0..groups)
+            .map(|g| random_start(&x_s.narrow(0, g * n, n)?, eps, rng))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&starts, 0)?
     } else {
         x_s.clone()
     };
     let mut momentum: Option<Tensor> = None;
-    let mut losses = Vec::with_capacity(config.steps);
-    let mut sign_ties = Tensor::zeros((), candle_core::DType::F64, x_s.device())?;
+    let mut losses = vec![Vec::with_capacity(config.steps); groups];
+    let mut sign_ties = vec![Tensor::zeros((), candle_core::DType::F64, x_s.device())?; groups];
     let fixed_target = match config.bn_mode {
         BnMode::Eval if config.steps > 0 => Some(
-            forward_for_backward(plan, state, path, x_t, BnMode::Eval, feature)?
+            forward_groups(plan, state, paths, &x_t, BnMode::Eval, feature)?
                 .output(feature)
                 .clone(),
         ),
         _ => None,
     };
     for _ in 0..config.steps {
-        let source = forward_for_backward(plan, state, path, &z, config.bn_mode, feature)?;
+        let source = forward_groups(plan, state, paths, &z, config.bn_mode, feature)?;
         state.commit(&source);
         let target = match &fixed_target {
             Some(t) => t.clone(),
             None => {
-                let target = forward_for_backward(plan, state, path, x_t, config.bn_mode, feature)?;
+                let target = forward_groups(plan, state, paths, &x_t, config.bn_mode, feature)?;
                 state.commit(&target);
                 target.output(feature).clone()
             }
         };
-        let (loss, grad) = ops::mse(source.output(feature), &target)?;
-        losses.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
+        let (loss, grad) = ops::mse_groups(source.output(feature), &target, groups)?;
+        for (all, loss) in losses.iter_mut().zip(loss) {
+            all.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
+        }
         let grad = input_gradient(plan, state, &source, &[(feature, grad)])?;
         let direction = if config.momentum {
             let m = ops::l1_momentum(momentum.as_ref(), &grad, config.momentum_decay)?;
@@ -101,13 +164,23 @@ pub fn eq2_distill<R: Rng + ?Sized>(
         } else {
             grad
         };
-        sign_ties = (sign_ties + ops::count_below(&direction, SIGN_TIE)?)?;
-        z = project(&(z - (ops::sign(&direction)? * alpha)?)?, x_s, eps)?;
+        let n = direction.dim(0)? / groups;
+        for (g, ties) in sign_ties.iter_mut().enumerate() {
+            *ties = (&*ties + ops::count_below(&direction.narrow(0, g * n, n)?, SIGN_TIE)?)?;
+        }
+        z = project(&(z - (ops::sign(&direction)? * alpha)?)?, &x_s, eps)?;
     }
-    let sign_ties = sign_ties.to_scalar::<f64>()? as usize;
-    Ok(Distilled {
-        images: z,
-        losses,
-        sign_ties,
-    })
+    let n = z.dim(0)? / groups;
+    losses
+        .into_iter()
+        .zip(sign_ties)
+        .enumerate()
+        .map(|(g, (losses, ties))| {
+            Ok(Distilled {
+                images: z.narrow(0, g * n, n)?,
+                losses,
+                sign_ties: ties.to_scalar::<f64>()? as usize,
+            })
+        })
+        .collect()
 }

@@ -9,8 +9,8 @@ use eio_spec::{Path, Plan};
 use rand::Rng;
 
 use crate::attack::{first_argmax, pgd_train_mode, AttackSettings};
-use crate::distill::eq2_distill;
-use crate::model::{backward, logits, Gradients};
+use crate::distill::eq2_distill_paths;
+use crate::model::{backward, backward_groups, forward_groups, logits, Gradients};
 use crate::ops;
 use crate::optim::Sgd;
 use crate::state::ModelState;
@@ -58,17 +58,16 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
     let mut distilled = Vec::with_capacity(p);
     let mut distill_losses = Vec::with_capacity(p);
     let mut sign_ties = 0;
-    for path in paths {
-        let d = eq2_distill(
-            plan,
-            state,
-            path,
-            layer,
-            &batch.target,
-            &batch.source,
-            &config.distill,
-            rng,
-        )?;
+    for d in eq2_distill_paths(
+        plan,
+        state,
+        paths,
+        layer,
+        &batch.target,
+        &batch.source,
+        &config.distill,
+        rng,
+    )? {
         distill_losses.push(d.losses.last().copied().unwrap_or(f64::NAN));
         sign_ties += d.sign_ties;
         distilled.push(d.images);
@@ -127,7 +126,13 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
 /// Line 20 for one path (DVERGE's cross-training for one member), as
 /// `eio_reference::eio::cross_train`: for each batch of `inputs` in order, a train-mode
 /// forward along `path` whose running statistics are committed, then `scale`·CE(f_P(x),
-/// `labels`). Returns the sum of those terms and adds their gradients into `total`.
+/// `labels`). Returns the sum of those terms and adds their gradients into `total`, batch
+/// after batch.
+///
+/// The inputs run as one path-batched pass ([`forward_groups`], one group per input):
+/// each group has its own batch statistics, the running statistics are updated group after
+/// group, and each group's gradients are added to `total` in turn, so every value is the one
+/// the passes one after the other give.
 ///
 /// # Errors
 /// On a device error.
@@ -140,18 +145,28 @@ pub(crate) fn cross_train(
     scale: f64,
     total: &mut Gradients,
 ) -> Result<f64> {
+    let n = labels.dim(0)?;
+    let sizes: Vec<usize> = inputs.iter().map(|x| x.dim(0)).collect::<Result<_>>()?;
+    if sizes.iter().any(|&size| size != n) {
+        candle_core::bail!("cross-training batches of {sizes:?} images for {n} labels");
+    }
+    if inputs.is_empty() {
+        return Ok(0.0);
+    }
+    let paths = vec![path.clone(); inputs.len()];
+    let batch = Tensor::cat(inputs, 0)?;
+    let trace = forward_groups(plan, state, &paths, &batch, BnMode::Train, plan.logits())?;
+    state.commit(&trace);
     let mut loss = 0.0;
-    for x in inputs {
-        let (out, trace) = logits(plan, state, path, x, BnMode::Train)?;
-        state.commit(&trace);
-        let (ce, grad) = ops::cross_entropy(&out, labels)?;
+    let mut seeds = Vec::with_capacity(inputs.len());
+    for g in 0..inputs.len() {
+        let (ce, grad) = ops::cross_entropy(&trace.last().narrow(0, g * n, n)?, labels)?;
         loss += scale * scalar(&ce)?;
-        total.add(backward(
-            plan,
-            state,
-            &trace,
-            &[(plan.logits(), (grad * scale)?)],
-        )?)?;
+        seeds.push((grad * scale)?);
+    }
+    let seed = Tensor::cat(&seeds, 0)?;
+    for grads in backward_groups(plan, state, &trace, &[(plan.logits(), seed)])? {
+        total.add(grads)?;
     }
     Ok(loss)
 }
@@ -240,4 +255,125 @@ pub fn sgd_step(
         state.tensors.insert(spec.name.clone(), updated);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use eio_spec::config::{Config, Preset};
+    use eio_spec::rng::Seeds;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn random(n: usize, rng: &mut ChaCha8Rng) -> Tensor {
+        let values: Vec<f64> = (0..n * 3 * 8 * 8)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect();
+        Tensor::from_vec(values, (n, 3, 8, 8), &Device::Cpu).expect("images")
+    }
+
+    fn bits(t: &Tensor) -> Vec<u64> {
+        let values = t.flatten_all().and_then(|t| t.to_vec1::<f64>());
+        values.expect("f64").into_iter().map(f64::to_bits).collect()
+    }
+
+    /// Cross-training on several batches as one path-batched pass gives, bit for bit, the
+    /// loss, the running total of gradients and the running statistics of one pass per batch.
+    #[test]
+    fn batched_cross_training_is_one_pass_per_batch() {
+        let config: Config = Preset::Official
+            .config()
+            .and_then(|c| {
+                c.with_overrides(&[
+                    "model.depth=8",
+                    "model.width=0.25",
+                    "model.input_size=8",
+                    "model.classes=5",
+                ])
+            })
+            .expect("small config");
+        let plan = Plan::build(&config.model).expect("plan");
+        let state =
+            ModelState::init(&plan, &Seeds::new(4), 0, &Device::Cpu, DType::F64).expect("state");
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let path = plan.path_space().sample(&mut rng);
+        let labels = Tensor::new(&[0u32, 3, 4], &Device::Cpu).expect("labels");
+        let first = random(3, &mut rng);
+        let batches = [
+            random(3, &mut rng),
+            random(3, &mut rng),
+            random(3, &mut rng),
+        ];
+        let inputs: Vec<&Tensor> = batches.iter().collect();
+        let run = |batched: bool| {
+            let mut state = state.clone();
+            let mut total = Gradients::default();
+            let mut losses = vec![];
+            // A total that already holds a pass's gradients, as for the second path of an
+            // iteration.
+            losses.push(
+                cross_train(
+                    &plan,
+                    &mut state,
+                    &path,
+                    &[&first],
+                    &labels,
+                    0.5,
+                    &mut total,
+                )
+                .expect("first"),
+            );
+            if batched {
+                losses.push(
+                    cross_train(&plan, &mut state, &path, &inputs, &labels, 0.5, &mut total)
+                        .expect("batched"),
+                );
+            } else {
+                let mut sum = 0.0;
+                for x in &inputs {
+                    sum += cross_train(&plan, &mut state, &path, &[x], &labels, 0.5, &mut total)
+                        .expect("one batch");
+                }
+                losses.push(sum);
+            }
+            (state, total, losses)
+        };
+        let (batched_state, batched, batched_losses) = run(true);
+        let (own_state, own, own_losses) = run(false);
+        assert_eq!(
+            batched_losses
+                .iter()
+                .map(|l| l.to_bits())
+                .collect::<Vec<_>>(),
+            own_losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+            "losses"
+        );
+        assert_eq!(batched.params.len(), own.params.len(), "parameters");
+        for (name, g) in &own.params {
+            assert!(bits(&batched.params[name]) == bits(g), "d/d{name}");
+        }
+        assert_eq!(batched_state.counters, own_state.counters, "counters");
+        for (name, t) in &own_state.tensors {
+            assert!(bits(&batched_state.tensors[name]) == bits(t), "{name}");
+        }
+        // Every batch needs one label per image.
+        let mut state = state.clone();
+        let small = random(2, &mut rng);
+        let err = cross_train(
+            &plan,
+            &mut state,
+            &path,
+            &[&first, &small],
+            &labels,
+            1.0,
+            &mut Gradients::default(),
+        )
+        .expect_err("a batch of 2 for 3 labels");
+        assert!(
+            err.to_string().contains("[3, 2] images for 3 labels"),
+            "{err}"
+        );
+    }
 }

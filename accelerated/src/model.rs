@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use candle_core::{Result, Tensor};
 use eio_spec::attack::SkipGradient;
 use eio_spec::config::BnMode;
-use eio_spec::plan::{BnNames, NodeId, Op, Plan};
+use eio_spec::plan::{BnNames, Gated, NodeId, Op, Plan};
 use eio_spec::Path;
 
 use crate::ops;
@@ -24,10 +24,12 @@ pub struct RunningUpdate {
     pub num_batches_tracked: i64,
 }
 
-/// The outputs of one forward pass along one path.
+/// The outputs of one forward pass along one path, or of a path-batched pass
+/// ([`forward_groups`]) along one path per group of images.
 #[derive(Debug, Clone)]
 pub struct Trace {
-    pub path: Path,
+    /// The path of each group of the batch, in order (one for a plain pass).
+    pub paths: Vec<Path>,
     pub mode: BnMode,
     /// Output of every node up to the last one computed: all of them after [`forward`]; after
     /// [`forward_for_backward`], `None` where a fused op never wrote it (see [`Keep`]).
@@ -63,6 +65,20 @@ impl Trace {
     /// Whether the pass ran no node (never: every pass computes at least the input).
     pub fn is_empty(&self) -> bool {
         self.outputs.is_empty()
+    }
+
+    /// The path of a plain pass (along one path).
+    ///
+    /// # Errors
+    /// If the pass was path-batched over several groups.
+    pub fn one_path(&self) -> Result<&Path> {
+        match self.paths.as_slice() {
+            [path] => Ok(path),
+            paths => candle_core::bail!(
+                "a pass along one path was expected, this one batched {} paths",
+                paths.len()
+            ),
+        }
     }
 }
 
@@ -130,7 +146,15 @@ pub fn forward(
     mode: BnMode,
     end: NodeId,
 ) -> Result<Trace> {
-    traced(plan, state, path, input, mode, end, Keep::All)
+    traced(
+        plan,
+        state,
+        std::slice::from_ref(path),
+        input,
+        mode,
+        end,
+        Keep::All,
+    )
 }
 
 /// [`forward`] keeping only what [`backward`] and [`input_gradient`] read ([`Keep::Backward`]):
@@ -147,21 +171,53 @@ pub fn forward_for_backward(
     mode: BnMode,
     end: NodeId,
 ) -> Result<Trace> {
-    traced(plan, state, path, input, mode, end, Keep::Backward)
+    traced(
+        plan,
+        state,
+        std::slice::from_ref(path),
+        input,
+        mode,
+        end,
+        Keep::Backward,
+    )
+}
+
+/// Path batching: the passes of [`forward_for_backward`] along each of `paths` as one pass.
+/// `input` holds one group of images per path, in order (`[G·N, C, H, W]` for G paths); group
+/// g runs along `paths[g]`. Every op runs once over the whole batch where the groups agree (a
+/// convolution whose weight all paths select, every elementwise op) and per group where they
+/// do not; BatchNorm normalises each group with its path's candidate and, in train mode, its
+/// own batch statistics ([`ops::BnSaved`]'s segments), and the running statistics are
+/// updated group after group, as the passes one after the other would. Each group's outputs
+/// are bit for bit those of its own pass, and [`backward_groups`] / [`input_gradient`] give
+/// each group's gradients as its own pass would.
+///
+/// # Errors
+/// If `paths` is empty or the batch does not split into `paths.len()` equal groups; on a
+/// device error.
+pub fn forward_groups(
+    plan: &Plan,
+    state: &ModelState,
+    paths: &[Path],
+    input: &Tensor,
+    mode: BnMode,
+    end: NodeId,
+) -> Result<Trace> {
+    traced(plan, state, paths, input, mode, end, Keep::Backward)
 }
 
 fn traced(
     plan: &Plan,
     state: &ModelState,
-    path: &Path,
+    paths: &[Path],
     input: &Tensor,
     mode: BnMode,
     end: NodeId,
     keep: Keep,
 ) -> Result<Trace> {
-    let (outputs, bn, running) = run_nodes(plan, state, path, input, mode, end, keep)?;
+    let (outputs, bn, running) = run_nodes(plan, state, paths, input, mode, end, keep)?;
     Ok(Trace {
-        path: path.clone(),
+        paths: paths.to_vec(),
         mode,
         outputs,
         bn,
@@ -178,7 +234,8 @@ fn traced(
 /// On a device error.
 pub fn eval_logits(plan: &Plan, state: &ModelState, path: &Path, input: &Tensor) -> Result<Tensor> {
     let end = plan.logits();
-    let (mut outputs, _, _) = run_nodes(plan, state, path, input, BnMode::Eval, end, Keep::Live)?;
+    let paths = std::slice::from_ref(path);
+    let (mut outputs, _, _) = run_nodes(plan, state, paths, input, BnMode::Eval, end, Keep::Live)?;
     Ok(outputs[end].take().expect("the last output is kept"))
 }
 
@@ -206,16 +263,96 @@ type NodeRun = (
     Vec<RunningUpdate>,
 );
 
+/// How a batch of one group of images per path splits (path batching, [`forward_groups`]).
+#[derive(Debug, Clone, Copy)]
+struct Groups<'a> {
+    paths: &'a [Path],
+    /// Images per group.
+    size: usize,
+}
+
+impl<'a> Groups<'a> {
+    fn new(paths: &'a [Path], batch: usize) -> Result<Self> {
+        if paths.is_empty() || !batch.is_multiple_of(paths.len()) {
+            candle_core::bail!(
+                "a batch of {batch} images does not split into {} equal groups, one per path",
+                paths.len()
+            );
+        }
+        Ok(Groups {
+            paths,
+            size: batch / paths.len(),
+        })
+    }
+
+    fn count(&self) -> usize {
+        self.paths.len()
+    }
+
+    /// Consecutive groups whose paths select the same entry of `gated` (Eq. 1): (first
+    /// image, images, entry) per run, one run for an ungated op or a weight all paths share.
+    fn runs<T: PartialEq>(&self, gated: &'a Gated<T>) -> Vec<(usize, usize, &'a T)> {
+        let mut runs: Vec<(usize, usize, &T)> = Vec::new();
+        for (g, path) in self.paths.iter().enumerate() {
+            let entry = gated.select(path);
+            match runs.last_mut() {
+                Some(run) if run.2 == entry => run.1 += self.size,
+                _ => runs.push((g * self.size, self.size, entry)),
+            }
+        }
+        runs
+    }
+
+    /// The entry of `gated` each group's path selects.
+    fn each<T>(&self, gated: &'a Gated<T>) -> Vec<&'a T> {
+        self.paths.iter().map(|p| gated.select(p)).collect()
+    }
+
+    /// Group `g`'s images of `t`, a view.
+    fn of(&self, t: &Tensor, g: usize) -> Result<Tensor> {
+        t.narrow(0, g * self.size, self.size)
+    }
+}
+
+/// `op` on each run of `runs` (its first image, image count and entry; each call narrows the
+/// tensors it reads to those images) joined along the batch: one call when all groups select
+/// the same entry.
+fn per_run<T>(
+    runs: &[(usize, usize, &T)],
+    mut op: impl FnMut(usize, usize, &T) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match runs {
+        [(first, len, entry)] => op(*first, *len, entry),
+        _ => Tensor::cat(
+            &runs
+                .iter()
+                .map(|&(first, len, entry)| op(first, len, entry))
+                .collect::<Result<Vec<_>>>()?,
+            0,
+        ),
+    }
+}
+
+/// The tensors `names` name, one `[C]` tensor each, as one `[G·C]` tensor (the tensor itself
+/// for one name).
+fn stacked(state: &ModelState, names: &[&String]) -> Result<Tensor> {
+    match names {
+        [one] => Ok(state.tensor(one).clone()),
+        all => Tensor::cat(&all.iter().map(|n| state.tensor(n)).collect::<Vec<_>>(), 0),
+    }
+}
+
 /// Runs nodes 0..=`end`, keeping what `keep` says.
 fn run_nodes(
     plan: &Plan,
     state: &ModelState,
-    path: &Path,
+    paths: &[Path],
     input: &Tensor,
     mode: BnMode,
     end: NodeId,
     keep: Keep,
 ) -> Result<NodeRun> {
+    let groups = Groups::new(paths, input.dim(0)?)?;
     let train = mode == BnMode::Train;
     let nodes = &plan.nodes[..=end];
     // Each node's readers within the pass.
@@ -291,38 +428,28 @@ fn run_nodes(
                 padding,
                 weight,
                 ..
-            } => Some(ops::conv2d(
-                x(0),
-                state.tensor(weight.select(path)),
-                *stride,
-                *padding,
-            )?),
+            } => Some(per_run(&groups.runs(weight), |first, len, name| {
+                ops::conv2d(
+                    &x(0).narrow(0, first, len)?,
+                    state.tensor(name),
+                    *stride,
+                    *padding,
+                )
+            })?),
             // Runs inside the add that reads it.
             Op::BatchNorm { .. } if into_add(id).is_some() => None,
             Op::BatchNorm { params, .. } => {
-                let bn_op = BnOp::new(state, params.select(path), train);
-                let (y, saved) = if relu_next {
-                    let (y, z, saved) = ops::batch_norm_relu(
-                        x(0),
-                        bn_op.affine,
-                        bn_op.stats,
-                        train,
-                        write_also(id),
-                    )?;
-                    relu_out = Some(z);
-                    (y, saved)
-                } else {
-                    let (y, saved) = ops::batch_norm(
-                        x(0),
-                        bn_op.affine.0,
-                        bn_op.affine.1,
-                        bn_op.stats.0,
-                        bn_op.stats.1,
-                        train,
-                    )?;
-                    (Some(y), saved)
-                };
-                bn_op.finish(id, x(0), saved, keep, (&mut bn, &mut running))?;
+                let bn_op = BnOp::new(state, params, groups, train)?;
+                let (y, z, saved) = ops::batch_norm_relu(
+                    x(0),
+                    bn_op.affine(),
+                    bn_op.stats(),
+                    train,
+                    (!relu_next || write_also(id), relu_next),
+                    &bn_op.segments,
+                )?;
+                relu_out = z;
+                bn_op.finish(id, saved, keep, (&mut bn, &mut running))?;
                 y
             }
             Op::Relu => Some(ops::relu(x(0))?),
@@ -338,16 +465,17 @@ fn run_nodes(
                         let bn_input = outputs[plan.nodes[bn_id].inputs[0]]
                             .as_ref()
                             .expect("a fused BatchNorm's input is kept until its add");
-                        let bn_op = BnOp::new(state, params.select(path), train);
+                        let bn_op = BnOp::new(state, params, groups, train)?;
                         let (sum, z, saved) = ops::batch_norm_add_relu(
                             bn_input,
-                            bn_op.affine,
-                            bn_op.stats,
+                            bn_op.affine(),
+                            bn_op.stats(),
                             train,
                             x(1),
                             (keep_sum, relu_next),
+                            &bn_op.segments,
                         )?;
-                        bn_op.finish(bn_id, bn_input, saved, keep, (&mut bn, &mut running))?;
+                        bn_op.finish(bn_id, saved, keep, (&mut bn, &mut running))?;
                         (sum, z)
                     }
                     None => ops::add_relu(x(0), x(1), (keep_sum, relu_next))?,
@@ -359,12 +487,13 @@ fn run_nodes(
             Op::GlobalAvgPool => Some(ops::global_avg_pool(x(0))?),
             Op::Flatten => Some(x(0).flatten_from(1)?),
             Op::Linear { params, .. } => {
-                let names = params.select(path);
-                Some(ops::linear(
-                    x(0),
-                    state.tensor(&names.weight),
-                    state.tensor(&names.bias),
-                )?)
+                Some(per_run(&groups.runs(params), |first, len, names| {
+                    ops::linear(
+                        &x(0).narrow(0, first, len)?,
+                        state.tensor(&names.weight),
+                        state.tensor(&names.bias),
+                    )
+                })?)
             }
         };
         outputs.push(out);
@@ -389,59 +518,88 @@ fn run_nodes(
     Ok((outputs, bn, running))
 }
 
-/// One BatchNorm node's parameters and running statistics along the path, and the
-/// bookkeeping after its pass.
+/// One BatchNorm node's parameters and running statistics along each group's path, as
+/// per-channel tensors of one set of `C` values per group ([`ops::BnSaved`]'s segments), and
+/// the bookkeeping after its pass.
 struct BnOp<'a> {
-    names: &'a BnNames,
-    affine: (&'a Tensor, &'a Tensor),
-    stats: (&'a Tensor, &'a Tensor),
+    /// The names each group's path selects.
+    names: Vec<&'a BnNames>,
+    /// Images per segment: one segment per group.
+    segments: Vec<usize>,
+    affine: (Tensor, Tensor),
+    stats: (Tensor, Tensor),
     state: &'a ModelState,
     train: bool,
 }
 
 impl<'a> BnOp<'a> {
-    fn new(state: &'a ModelState, names: &'a BnNames, train: bool) -> Self {
-        BnOp {
+    fn new(
+        state: &'a ModelState,
+        params: &'a Gated<BnNames>,
+        groups: Groups<'a>,
+        train: bool,
+    ) -> Result<Self> {
+        let names = groups.each(params);
+        let tensors = |name: fn(&BnNames) -> &String| {
+            stacked(state, &names.iter().map(|n| name(n)).collect::<Vec<_>>())
+        };
+        Ok(BnOp {
+            affine: (tensors(|n| &n.weight)?, tensors(|n| &n.bias)?),
+            stats: (tensors(|n| &n.running_mean)?, tensors(|n| &n.running_var)?),
+            segments: vec![groups.size; groups.count()],
             names,
-            affine: (state.tensor(&names.weight), state.tensor(&names.bias)),
-            stats: (
-                state.tensor(&names.running_mean),
-                state.tensor(&names.running_var),
-            ),
             state,
             train,
-        }
+        })
     }
 
-    /// Records the new running statistics (train mode) and, in a trace, what the backward
-    /// pass reads.
+    fn affine(&self) -> (&Tensor, &Tensor) {
+        (&self.affine.0, &self.affine.1)
+    }
+
+    fn stats(&self) -> (&Tensor, &Tensor) {
+        (&self.stats.0, &self.stats.1)
+    }
+
+    /// Records the new running statistics (train mode; group after group, each from what the
+    /// groups before it left, as passes one after the other would) and, in a trace, what the
+    /// backward pass reads.
     fn finish(
         &self,
         id: NodeId,
-        x: &Tensor,
         saved: ops::BnSaved,
         keep: Keep,
         (bn, running): (&mut BTreeMap<NodeId, ops::BnSaved>, &mut Vec<RunningUpdate>),
     ) -> Result<()> {
         if self.train {
-            let (n, _, h, w) = x.dims4()?;
-            let (mean, var) =
-                ops::batch_norm_running_update(self.stats.0, self.stats.1, &saved, n * h * w)?;
-            let names = self.names;
-            running.push(RunningUpdate {
-                mean_name: names.running_mean.clone(),
-                var_name: names.running_var.clone(),
-                counter_name: names.num_batches_tracked.clone(),
-                mean,
-                var,
-                num_batches_tracked: self
-                    .state
-                    .counters
-                    .get(&names.num_batches_tracked)
-                    .copied()
-                    .unwrap_or(0)
-                    + 1,
-            });
+            let first = running.len();
+            for (group, names) in self.names.iter().enumerate() {
+                let before = running[first..]
+                    .iter()
+                    .rev()
+                    .find(|u| u.mean_name == names.running_mean);
+                let (mean, var, count) = match before {
+                    Some(u) => (&u.mean, &u.var, u.num_batches_tracked),
+                    None => (
+                        self.state.tensor(&names.running_mean),
+                        self.state.tensor(&names.running_var),
+                        self.state
+                            .counters
+                            .get(&names.num_batches_tracked)
+                            .copied()
+                            .unwrap_or(0),
+                    ),
+                };
+                let (mean, var) = ops::batch_norm_running_update(mean, var, &saved, group)?;
+                running.push(RunningUpdate {
+                    mean_name: names.running_mean.clone(),
+                    var_name: names.running_var.clone(),
+                    counter_name: names.num_batches_tracked.clone(),
+                    mean,
+                    var,
+                    num_batches_tracked: count + 1,
+                });
+            }
         }
         if keep != Keep::Live {
             bn.insert(id, saved);
@@ -512,7 +670,48 @@ pub fn backward_with(
     seeds: &[(NodeId, Tensor)],
     skip: Option<&SkipGradient>,
 ) -> Result<Gradients> {
-    propagate(plan, state, trace, seeds, skip, true)
+    let Propagated { groups, input } = propagate(plan, state, trace, seeds, skip, true)?;
+    let mut total = Gradients::default();
+    for params in groups {
+        total.add(Gradients {
+            params,
+            input: None,
+        })?;
+    }
+    total.input = input;
+    Ok(total)
+}
+
+/// [`backward`] of a path-batched pass ([`forward_groups`]), one [`Gradients`] per group: the
+/// parameter gradients the group's own pass gives and the group's rows of dL/d(input). Adding
+/// them in order to a running total gives the sums of the passes one after the other.
+///
+/// # Errors
+/// On a device error.
+///
+/// # Panics
+/// If a seed's node was not computed by the pass.
+pub fn backward_groups(
+    plan: &Plan,
+    state: &ModelState,
+    trace: &Trace,
+    seeds: &[(NodeId, Tensor)],
+) -> Result<Vec<Gradients>> {
+    let Propagated { groups, input } = propagate(plan, state, trace, seeds, None, true)?;
+    let size = trace.output(0).dim(0)? / groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(g, params)| {
+            Ok(Gradients {
+                params,
+                input: input
+                    .as_ref()
+                    .map(|t| t.narrow(0, g * size, size))
+                    .transpose()?,
+            })
+        })
+        .collect()
 }
 
 /// dL/d(input) of `seeds` back-propagated through the pass in `trace`, without the
@@ -594,8 +793,27 @@ impl Incoming {
     }
 }
 
-/// The backward traversal of [`backward_with`] (`with_params`) and [`input_gradient_with`]
-/// (not `with_params`: only dL/dx of each op, [`Gradients::params`] stays empty).
+/// What a backward traversal gives: each group's parameter gradients (one entry for a plain
+/// pass; empty maps without `with_params`) and dL/d(input) of the whole batch.
+struct Propagated {
+    groups: Vec<BTreeMap<String, Tensor>>,
+    input: Option<Tensor>,
+}
+
+/// Adds `grad` to the gradient of `name` in `params`.
+fn accumulate(params: &mut BTreeMap<String, Tensor>, name: &str, grad: Tensor) -> Result<()> {
+    let total = match params.remove(name) {
+        Some(total) => (total + grad)?,
+        None => grad,
+    };
+    params.insert(name.to_string(), total);
+    Ok(())
+}
+
+/// The backward traversal of [`backward_with`] / [`backward_groups`] (`with_params`) and
+/// [`input_gradient_with`] (not `with_params`: only dL/dx of each op). In a path-batched pass,
+/// dL/dx runs once over the batch wherever the forward op did, and each parameter gradient is
+/// taken per group from the group's images, so that it is the one the group's own pass gives.
 fn propagate(
     plan: &Plan,
     state: &ModelState,
@@ -603,8 +821,15 @@ fn propagate(
     seeds: &[(NodeId, Tensor)],
     skip: Option<&SkipGradient>,
     with_params: bool,
-) -> Result<Gradients> {
+) -> Result<Propagated> {
     let last = trace.len() - 1;
+    let groups = Groups::new(&trace.paths, trace.output(0).dim(0)?)?;
+    if skip.is_some_and(|s| s.normalise) && groups.count() > 1 {
+        candle_core::bail!(
+            "SGM's normalised gradient is taken over one batch; this pass batched {} paths",
+            groups.count()
+        );
+    }
     // SGM: the branch factor of each residual add node.
     let branch_factors: BTreeMap<NodeId, f64> = skip.map_or_else(BTreeMap::new, |skip| {
         plan.residual_blocks()
@@ -630,9 +855,33 @@ fn propagate(
         );
         add(&mut node_grads[*id], grad.clone())?;
     }
-    let path = &trace.path;
     let train = trace.mode == BnMode::Train;
-    let mut grads = Gradients::default();
+    let mut params: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); groups.count()];
+    let mut input_grad = None;
+    // Each group's γ of a BatchNorm, as one `[G·C]` tensor.
+    let gammas = |bn: &'_ Gated<BnNames>| {
+        stacked(
+            state,
+            &groups
+                .each(bn)
+                .iter()
+                .map(|n| &n.weight)
+                .collect::<Vec<_>>(),
+        )
+    };
+    // Each group's (dL/dγ, dL/dβ) from `[G·C]` tensors, into its parameter gradients.
+    fn add_bn_params(
+        params: &mut [BTreeMap<String, Tensor>],
+        names: Vec<&BnNames>,
+        (gg, gb): (Tensor, Tensor),
+    ) -> Result<()> {
+        let c = gg.dim(0)? / names.len();
+        for (g, names) in names.into_iter().enumerate() {
+            accumulate(&mut params[g], &names.weight, gg.narrow(0, g * c, c)?)?;
+            accumulate(&mut params[g], &names.bias, gb.narrow(0, g * c, c)?)?;
+        }
+        Ok(())
+    }
     // In an input-only pass through an eval-mode BatchNorm whose input is a convolution that
     // nothing else reads or seeds, BatchNorm's dL/dx is left for that convolution to compute
     // while reading it (ops::conv2d_backward_input_through_bn): by convolution node, the
@@ -643,7 +892,7 @@ fn propagate(
         let conv = plan.nodes[bn_id].inputs[0];
         (!with_params
             && !train
-            && matches!(plan.nodes[conv].op, Op::Conv { .. })
+            && matches!(&plan.nodes[conv].op, Op::Conv { weight, .. } if groups.runs(weight).len() == 1)
             && readers[conv] == 1
             && node_grads[conv].is_empty())
         .then_some(conv)
@@ -663,12 +912,11 @@ fn propagate(
             else {
                 unreachable!("deferred from a BatchNorm to the convolution before it")
             };
-            let gamma = state.tensor(&params.select(path).weight);
             let gx = ops::conv2d_backward_input_through_bn(
                 trace.output(node.inputs[0]),
-                state.tensor(weight.select(path)),
+                state.tensor(groups.runs(weight)[0].2),
                 (&g, relu.map(|r| trace.output(r))),
-                (gamma, &trace.bn[&bn_id]),
+                (&gammas(params)?, &trace.bn[&bn_id]),
                 *stride,
                 *padding,
             )?;
@@ -691,7 +939,7 @@ fn propagate(
         let x = |k: usize| trace.output(node.inputs[k]);
         let input = |k: usize| node.inputs[k];
         match &node.op {
-            Op::Input => grads.input = Some(g),
+            Op::Input => input_grad = Some(g),
             Op::Normalize { std, .. } => add(
                 &mut node_grads[input(0)],
                 ops::normalize_backward(state.tensor(std), &g)?,
@@ -702,32 +950,42 @@ fn propagate(
                 weight,
                 ..
             } => {
-                let name = weight.select(path);
-                let w = state.tensor(name);
-                let gx = if with_params {
-                    let (gx, gw) = ops::conv2d_backward(x(0), w, &g, *stride, *padding)?;
-                    grads.accumulate(name, gw)?;
-                    gx
-                } else {
-                    ops::conv2d_backward_input(x(0), w, &g, *stride, *padding)?
-                };
+                let gx = per_run(&groups.runs(weight), |first, len, name| {
+                    ops::conv2d_backward_input(
+                        &x(0).narrow(0, first, len)?,
+                        state.tensor(name),
+                        &g.narrow(0, first, len)?,
+                        *stride,
+                        *padding,
+                    )
+                })?;
+                if with_params {
+                    for (k, name) in groups.each(weight).into_iter().enumerate() {
+                        let gw = ops::conv2d_backward_weight(
+                            &groups.of(x(0), k)?,
+                            state.tensor(name),
+                            &groups.of(&g, k)?,
+                            *stride,
+                            *padding,
+                        )?;
+                        accumulate(&mut params[k], name, gw)?;
+                    }
+                }
                 add(&mut node_grads[input(0)], gx)?;
             }
             Op::BatchNorm { .. } if defer_to(id, &node_grads).is_some() => {
                 let conv = defer_to(id, &node_grads).expect("checked");
                 through_bn.insert(conv, (g, None, id));
             }
-            Op::BatchNorm { params, .. } => {
-                let names = params.select(path);
+            Op::BatchNorm { params: bn, .. } => {
                 let saved = &trace.bn[&id];
-                let gamma = state.tensor(&names.weight);
+                let gamma = gammas(bn)?;
                 let gx = if with_params {
-                    let (gx, gg, gb) = ops::batch_norm_backward(gamma, saved, &g, train)?;
-                    grads.accumulate(&names.weight, gg)?;
-                    grads.accumulate(&names.bias, gb)?;
+                    let (gx, gg, gb) = ops::batch_norm_backward(&gamma, saved, &g, train)?;
+                    add_bn_params(&mut params, groups.each(bn), (gg, gb))?;
                     gx
                 } else {
-                    ops::batch_norm_backward_input(gamma, saved, &g, train)?
+                    ops::batch_norm_backward_input(&gamma, saved, &g, train)?
                 };
                 add(&mut node_grads[input(0)], gx)?;
             }
@@ -745,21 +1003,19 @@ fn propagate(
                     through_bn.insert(conv, (g, Some(id), bn_id));
                     continue;
                 }
-                let Op::BatchNorm { params, .. } = &plan.nodes[bn_id].op else {
+                let Op::BatchNorm { params: bn, .. } = &plan.nodes[bn_id].op else {
                     unreachable!("matched above")
                 };
-                let names = params.select(path);
                 let saved = &trace.bn[&bn_id];
-                let gamma = state.tensor(&names.weight);
+                let gamma = gammas(bn)?;
                 let mask = trace.output(id);
                 let gx = if with_params {
                     let (gx, gg, gb) =
-                        ops::relu_batch_norm_backward(mask, gamma, saved, &g, train)?;
-                    grads.accumulate(&names.weight, gg)?;
-                    grads.accumulate(&names.bias, gb)?;
+                        ops::relu_batch_norm_backward(mask, &gamma, saved, &g, train)?;
+                    add_bn_params(&mut params, groups.each(bn), (gg, gb))?;
                     gx
                 } else {
-                    ops::relu_batch_norm_backward_input(mask, gamma, saved, &g, train)?
+                    ops::relu_batch_norm_backward_input(mask, &gamma, saved, &g, train)?
                 };
                 add(&mut node_grads[plan.nodes[bn_id].inputs[0]], gx)?;
             }
@@ -794,20 +1050,37 @@ fn propagate(
                 ops::global_avg_pool_backward(x(0).dims4()?, &g)?,
             )?,
             Op::Flatten => add(&mut node_grads[input(0)], g.reshape(x(0).dims())?)?,
-            Op::Linear { params, .. } => {
-                let names = params.select(path);
-                let w = state.tensor(&names.weight);
+            Op::Linear { params: linear, .. } => {
                 let gx = if with_params {
-                    let (gx, gw, gb) = ops::linear_backward(x(0), w, &g)?;
-                    grads.accumulate(&names.weight, gw)?;
-                    grads.accumulate(&names.bias, gb)?;
-                    gx
+                    let each = groups.each(linear);
+                    let runs: Vec<_> = (0..groups.count())
+                        .map(|k| (k * groups.size, groups.size, &each[k]))
+                        .collect();
+                    per_run(&runs, |first, len, names| {
+                        let k = first / groups.size;
+                        let (gx, gw, gb) = ops::linear_backward(
+                            &x(0).narrow(0, first, len)?,
+                            state.tensor(&names.weight),
+                            &g.narrow(0, first, len)?,
+                        )?;
+                        accumulate(&mut params[k], &names.weight, gw)?;
+                        accumulate(&mut params[k], &names.bias, gb)?;
+                        Ok(gx)
+                    })?
                 } else {
-                    ops::linear_backward_input(w, &g)?
+                    per_run(&groups.runs(linear), |first, len, names| {
+                        ops::linear_backward_input(
+                            state.tensor(&names.weight),
+                            &g.narrow(0, first, len)?,
+                        )
+                    })?
                 };
                 add(&mut node_grads[input(0)], gx)?;
             }
         }
     }
-    Ok(grads)
+    Ok(Propagated {
+        groups: params,
+        input: input_grad,
+    })
 }

@@ -177,7 +177,7 @@ pub fn tangents(plan: &Plan, state: &ModelState, trace: &Trace, v: &Tensor) -> R
         trace.output(0).dims(),
         "tangents: v shape != input shape"
     );
-    let path = &trace.path;
+    let path = trace.one_path()?;
     let train = trace.mode == BnMode::Train;
     let mut out: Vec<Tensor> = Vec::with_capacity(trace.len());
     for (id, node) in plan.nodes[..trace.len()].iter().enumerate() {
@@ -277,7 +277,7 @@ pub fn reverse_over_forward(
             add(&mut slots[*id], grad.clone())?;
         }
     }
-    let path = &trace.path;
+    let path = trace.one_path()?;
     let train = trace.mode == BnMode::Train;
     let mut result = SecondOrderGradients::default();
     let grads = &mut result.gradients;

@@ -114,6 +114,22 @@ pub fn conv2d_backward<T: Real>(
     Ok((tensor(dx, x.dims())?, tensor(dw, w.dims())?))
 }
 
+/// See [`super::stock::conv2d_backward_weight`]: the dL/dw half of [`conv2d_backward`].
+pub fn conv2d_backward_weight<T: Real>(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let g = geometry(x, w, stride, padding)?;
+    check_grad(&g, grad)?;
+    let dw = with2(x, grad, |x: &[T], dy| {
+        Ok(k::conv2d_backward_weight(&g, x, dy))
+    })?;
+    tensor(dw, w.dims())
+}
+
 /// See [`super::stock::conv2d_backward_input`]: the dL/dx half of [`conv2d_backward`].
 pub fn conv2d_backward_input<T: Real>(
     x: &Tensor,
@@ -134,41 +150,44 @@ pub fn conv2d_backward_input<T: Real>(
 }
 
 /// See [`super::conv2d_backward_input_through_bn`]: [`conv2d_backward_input`] of
-/// `scale_c · masked(grad, mask)` with `scale = γ·inv_std` ([`k::ScaledGrad`]), read on the fly.
+/// `scale_c · masked(grad, mask)` with `scale = γ·inv_std` ([`k::ScaledGrad`]), read on the fly;
+/// each segment's images with the segment's scale (`gamma`, `inv_std`: `[S·C]`, checked by
+/// the caller).
 pub fn conv2d_backward_input_scaled<T: Real>(
     x: &Tensor,
     w: &Tensor,
     (grad, mask): (&Tensor, Option<&Tensor>),
-    (gamma, inv_std): (&Tensor, &Tensor),
+    (gamma, inv_std, segments): (&Tensor, &Tensor, &[usize]),
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
     let g = geometry(x, w, stride, padding)?;
     check_grad(&g, grad)?;
     check_mask("conv2d backward through relu", mask, grad)?;
-    if gamma.dims() != [g.c_out] || inv_std.dims() != [g.c_out] {
-        bail!(
-            "conv2d backward through batch norm: gamma {:?}, inv_std {:?}, {} channels",
-            gamma.dims(),
-            inv_std.dims(),
-            g.c_out
-        );
-    }
     let scale = bn_scale::<T>(gamma, inv_std)?;
     let mask = mask.map(Tensor::contiguous).transpose()?;
     let mask_host = mask.as_ref().map(host).transpose()?;
     let mask = mask_host.as_ref().map(|m| m.slice::<T>()).transpose()?;
     let mut dx = Uninit::<T>::new(g.n * g.c_in * g.h * g.w);
+    let (in_image, out_image) = (g.c_in * g.h * g.w, g.c_out * g.out_h() * g.out_w());
     with2(w, grad, |w, dy| {
-        let dy = k::ScaledGrad {
-            grad: dy,
-            mask,
-            scale: &scale,
-        };
-        k::conv2d_backward_input_scaled(&g, w, dy, dx.slots());
+        let mut first = 0;
+        for (s, &len) in segments.iter().enumerate() {
+            let part = ConvGeom { n: len, ..g };
+            let out = first * out_image..(first + len) * out_image;
+            let dy = k::ScaledGrad {
+                grad: &dy[out.clone()],
+                mask: mask.map(|m| &m[out]),
+                scale: &scale[s * g.c_out..(s + 1) * g.c_out],
+            };
+            let dx = &mut dx.slots()[first * in_image..(first + len) * in_image];
+            k::conv2d_backward_input_scaled(&part, w, dy, dx);
+            first += len;
+        }
         Ok(())
     })?;
-    // SAFETY: `conv2d_backward_input_scaled` writes every element of its output.
+    // SAFETY: `conv2d_backward_input_scaled` writes every element of its output, one segment
+    // after the other, and the segments cover the batch.
     tensor(unsafe { dx.written() }, x.dims())
 }
 
@@ -204,7 +223,9 @@ fn check_grad(g: &ConvGeom, grad: &Tensor) -> Result<()> {
 /// [`super::batch_norm`], [`super::batch_norm_relu`] and [`super::batch_norm_add_relu`]: one
 /// statistics pass (train mode), then one pass writing y (BatchNorm's output, plus `residual`
 /// when given; when `keep_y`) and max(y, 0) (when `relu`). x̂ is not written: the backward
-/// pass computes it again from the input ([`k::Normalised`]).
+/// pass computes it again from the input ([`k::Normalised`]). Each segment (images per
+/// segment, checked by the caller) runs the same kernels on its own images and `C` values, in
+/// place in the batch's outputs.
 pub fn batch_norm<T: Real>(
     x: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
@@ -212,6 +233,7 @@ pub fn batch_norm<T: Real>(
     train: bool,
     residual: Option<&Tensor>,
     (keep_y, relu): (bool, bool),
+    segments: &[usize],
 ) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
     let (_, c, h, w) = x.dims4()?;
     if let Some(r) = residual {
@@ -225,8 +247,18 @@ pub fn batch_norm<T: Real>(
     let residual = residual.map(Tensor::contiguous).transpose()?;
     let residual_host = residual.as_ref().map(host).transpose()?;
     let residual = residual_host.as_ref().map(|r| r.slice::<T>()).transpose()?;
+    let image = c * h * w;
+    let images = |first: usize, len: usize| first * image..(first + len) * image;
     let (mean, var) = if train {
-        k::batch_stats(xs, c, h * w)
+        let mut stats = (Vec::new(), Vec::new());
+        let mut first = 0;
+        for &len in segments {
+            let (m, v) = k::batch_stats(&xs[images(first, len)], c, h * w);
+            stats.0.extend(m);
+            stats.1.extend(v);
+            first += len;
+        }
+        stats
     } else {
         (
             with(running_mean, |m: &[T]| {
@@ -246,32 +278,40 @@ pub fn batch_norm<T: Real>(
     let mut y = keep_y.then(|| Uninit::<T>::new(len));
     let mut z = relu.then(|| Uninit::<T>::new(len));
     with2(gamma, beta, |gamma, beta| {
-        k::batch_norm_apply(
-            xs,
-            (&mean_t, &inv_std_t),
-            (gamma, beta),
-            residual,
-            h * w,
-            k::BnOutputs {
-                y: y.as_mut().map(Uninit::slots),
-                relu: z.as_mut().map(Uninit::slots),
-            },
-        );
+        let mut first = 0;
+        for (s, &n) in segments.iter().enumerate() {
+            let (at, ch) = (images(first, n), s * c..(s + 1) * c);
+            k::batch_norm_apply(
+                &xs[at.clone()],
+                (&mean_t[ch.clone()], &inv_std_t[ch.clone()]),
+                (&gamma[ch.clone()], &beta[ch]),
+                residual.map(|r| &r[at.clone()]),
+                h * w,
+                k::BnOutputs {
+                    y: y.as_mut().map(|y| &mut y.slots()[at.clone()]),
+                    relu: z.as_mut().map(|z| &mut z.slots()[at.clone()]),
+                },
+            );
+            first += n;
+        }
         Ok(())
     })?;
     let dims = x.dims();
-    // SAFETY: `batch_norm_apply` writes every element of each output it is given.
+    // SAFETY: `batch_norm_apply` writes every element of each output it is given, one segment
+    // after the other, and the segments cover the batch.
     let wrap = |v: Option<Uninit<T>>| v.map(|v| tensor(unsafe { v.written() }, dims)).transpose();
-    let mean_t = tensor(mean_t, &[c])?;
+    let per_channel = [segments.len() * c];
+    let mean_t = tensor(mean_t, &per_channel)?;
     let saved = BnSaved {
         x_hat: None,
         input: x.clone(),
         batch_mean: train.then(|| mean_t.clone()),
         mean: mean_t,
-        inv_std: tensor(inv_std_t, &[c])?,
+        inv_std: tensor(inv_std_t, &per_channel)?,
         batch_var: train
-            .then(|| tensor(to_real::<T>(&var), &[c]))
+            .then(|| tensor(to_real::<T>(&var), &per_channel))
             .transpose()?,
+        segments: segments.to_vec(),
     };
     Ok((wrap(y)?, wrap(z)?, saved))
 }
@@ -291,7 +331,8 @@ pub fn batch_norm_x_hat<T: Real>(saved: &BnSaved) -> Result<Tensor> {
 }
 
 /// [`super::batch_norm_backward`] (`params`) and [`super::batch_norm_backward_input`], of the
-/// ReLU's masked gradient when `mask` is set ([`super::relu_batch_norm_backward`]).
+/// ReLU's masked gradient when `mask` is set ([`super::relu_batch_norm_backward`]); each of
+/// the pass's segments as the pass over that segment alone (checked by the caller).
 pub fn batch_norm_backward<T: Real>(
     mask: Option<&Tensor>,
     gamma: &Tensor,
@@ -299,9 +340,8 @@ pub fn batch_norm_backward<T: Real>(
     grad: &Tensor,
     (train, params): (bool, bool),
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-    let (n, c, h, w) = grad.dims4()?;
+    let (_, c, h, w) = grad.dims4()?;
     check_mask("relu + batch norm backward", mask, grad)?;
-    let count = (n * h * w) as f64;
     let mask = mask.map(Tensor::contiguous).transpose()?;
     let mask_host = mask.as_ref().map(host).transpose()?;
     let mask = mask_host.as_ref().map(|m| m.slice::<T>()).transpose()?;
@@ -310,41 +350,63 @@ pub fn batch_norm_backward<T: Real>(
     // gradients) and by a train-mode dx.
     let input = saved.input.contiguous()?;
     let input_host = host(&input)?;
-    let x_hat = with2(&saved.mean, &saved.inv_std, |mean: &[T], inv_std| {
+    let input = input_host.slice::<T>()?;
+    let (mean, inv_std) = with2(&saved.mean, &saved.inv_std, |mean: &[T], inv_std| {
         Ok((mean.to_vec(), inv_std.to_vec()))
     })?;
-    let x_hat = (train || params)
-        .then(|| {
-            Ok::<_, candle_core::Error>(k::Normalised {
-                x: input_host.slice::<T>()?,
-                mean: &x_hat.0,
-                inv_std: &x_hat.1,
-            })
-        })
-        .transpose()?;
+    let image = c * h * w;
     let (dx, sums) = with(grad, |g| {
-        let grad = k::BnGrad { grad: g, mask };
-        let sums = x_hat.map(|xh| k::batch_norm_grad_sums(grad, xh, c, h * w));
-        let (a, b) = match (&sums, train) {
-            (Some((sum_g, sum_gx)), true) => (
-                sum_g.iter().map(|s| T::from_f64(s / count)).collect(),
-                sum_gx.iter().map(|s| T::from_f64(s / count)).collect(),
-            ),
-            _ => (vec![T::zero(); c], vec![T::zero(); c]),
-        };
         let mut dx = Uninit::<T>::new(g.len());
-        let dx_x_hat = if train { x_hat } else { None };
-        k::batch_norm_backward_input(grad, dx_x_hat, &scale, (&a, &b), h * w, dx.slots());
-        // SAFETY: `batch_norm_backward_input` writes every element of its output.
+        let mut sums = (Vec::new(), Vec::new());
+        let mut first = 0;
+        for (s, &n) in saved.segments.iter().enumerate() {
+            let (at, ch) = (first * image..(first + n) * image, s * c..(s + 1) * c);
+            let x_hat = (train || params).then(|| k::Normalised {
+                x: &input[at.clone()],
+                mean: &mean[ch.clone()],
+                inv_std: &inv_std[ch.clone()],
+            });
+            let grad = k::BnGrad {
+                grad: &g[at.clone()],
+                mask: mask.map(|m| &m[at.clone()]),
+            };
+            let part = x_hat.map(|xh| k::batch_norm_grad_sums(grad, xh, c, h * w));
+            let count = (n * h * w) as f64;
+            let (a, b) = match (&part, train) {
+                (Some((sum_g, sum_gx)), true) => (
+                    sum_g.iter().map(|s| T::from_f64(s / count)).collect(),
+                    sum_gx.iter().map(|s| T::from_f64(s / count)).collect(),
+                ),
+                _ => (vec![T::zero(); c], vec![T::zero(); c]),
+            };
+            let dx_x_hat = if train { x_hat } else { None };
+            k::batch_norm_backward_input(
+                grad,
+                dx_x_hat,
+                &scale[ch],
+                (&a, &b),
+                h * w,
+                &mut dx.slots()[at],
+            );
+            if let Some((sum_g, sum_gx)) = part {
+                sums.0.extend(sum_g);
+                sums.1.extend(sum_gx);
+            }
+            first += n;
+        }
+        // SAFETY: `batch_norm_backward_input` writes every element of its output, one segment
+        // after the other, and the segments cover the batch.
         Ok((unsafe { dx.written() }, sums))
     })?;
-    let params = match sums.filter(|_| params) {
-        Some((sum_g, sum_gx)) => Some((
-            tensor(to_real::<T>(&sum_gx), &[c])?,
-            tensor(to_real::<T>(&sum_g), &[c])?,
-        )),
-        None => None,
-    };
+    let per_channel = [saved.segments.len() * c];
+    let params = params
+        .then(|| {
+            Ok::<_, candle_core::Error>((
+                tensor(to_real::<T>(&sums.1), &per_channel)?,
+                tensor(to_real::<T>(&sums.0), &per_channel)?,
+            ))
+        })
+        .transpose()?;
     Ok((tensor(dx, grad.dims())?, params))
 }
 
@@ -717,20 +779,17 @@ mod tests {
                     assert_close(&format!("{what} var"), v, sv);
                 }
                 // The fused BatchNorm + ReLU writes the same y, and max(y, 0).
-                for keep_y in [true, false] {
+                for (keep_y, relu) in [(true, true), (false, true), (true, false)] {
                     let (fy, z, fsaved) = super::super::batch_norm_relu(
                         &x,
                         (&gamma, &beta),
                         (&rm, &rv),
                         train,
-                        keep_y,
+                        (keep_y, relu),
+                        &[n],
                     )
                     .expect("fused");
-                    assert_eq!(fy.is_some(), keep_y, "{what}: y kept");
-                    if let Some(fy) = fy {
-                        assert_same(&format!("{what} fused y"), &fy, &y);
-                    }
-                    assert_same(&format!("{what} fused relu"), &z, &y.relu().expect("relu"));
+                    assert_sum_relu(&format!("{what} fused"), (fy, z), (keep_y, relu), &y);
                     assert_same(
                         &format!("{what} fused x_hat"),
                         &fsaved.x_hat().expect("x_hat"),
@@ -749,6 +808,7 @@ mod tests {
                         train,
                         &residual,
                         (keep_sum, relu),
+                        &[n],
                     )
                     .expect("fused add");
                     let what = format!("{what} fused add");
@@ -955,6 +1015,119 @@ mod tests {
                 &one.2,
             );
         }
+    }
+
+    /// Path batching: BatchNorm over a batch of segments, each with its own parameters (and,
+    /// in train mode, statistics), gives every segment its own pass bit for bit: the CPU's
+    /// segmented kernels against the per-segment calls joined (the stock ops' way), forward,
+    /// backward, and through the convolution before it.
+    fn segments_are_their_own_passes(dtype: DType) {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (c, size, segments) = (4, 5, [3usize, 2, 3]);
+        let n: usize = segments.iter().sum();
+        let per_channel = [segments.len() * c];
+        let x = (random(&[n, c, size, size], dtype, &mut rng) * 3.0)
+            .and_then(|t| t + 0.5)
+            .expect("x");
+        let residual = random(x.dims(), dtype, &mut rng);
+        let gamma = random(&per_channel, dtype, &mut rng);
+        let beta = random(&per_channel, dtype, &mut rng);
+        let rm = random(&per_channel, dtype, &mut rng);
+        let rv = (random(&per_channel, dtype, &mut rng).abs().expect("abs") + 0.1).expect("rv");
+        let g = random(x.dims(), dtype, &mut rng);
+        let x_in = random(&[n, 3, size, size], dtype, &mut rng);
+        let w = random(&[c, 3, 3, 3], dtype, &mut rng);
+        for train in [true, false] {
+            for residual in [None, Some(&residual)] {
+                let what = format!("{dtype:?} train={train} residual={}", residual.is_some());
+                let args = |f: fn(_, _, _, _, _, _, _) -> _| {
+                    f(
+                        &x,
+                        (&gamma, &beta),
+                        (&rm, &rv),
+                        train,
+                        residual,
+                        (true, true),
+                        &segments[..],
+                    )
+                };
+                let (y, z, saved) = args(super::super::batch_norm_outputs).expect("segmented");
+                let (wy, wz, wsaved) = args(super::super::batch_norm_per_segment).expect("joined");
+                let y = y.expect("y");
+                assert_same(&format!("{what} y"), &y, &wy.expect("y"));
+                assert_same(&format!("{what} relu"), &z.expect("z"), &wz.expect("z"));
+                assert_eq!(saved.segments, segments, "{what}: segments");
+                assert_same(&format!("{what} mean"), &saved.mean, &wsaved.mean);
+                assert_same(&format!("{what} inv_std"), &saved.inv_std, &wsaved.inv_std);
+                if train {
+                    for (got, want) in [
+                        (&saved.batch_mean, &wsaved.batch_mean),
+                        (&saved.batch_var, &wsaved.batch_var),
+                    ] {
+                        assert_same(
+                            &format!("{what} batch stats"),
+                            got.as_ref().expect("train"),
+                            want.as_ref().expect("train"),
+                        );
+                    }
+                }
+                for (mask, params) in [(None, true), (Some(&y), true), (Some(&y), false)] {
+                    let what = format!("{what} mask={} params={params}", mask.is_some());
+                    let (dx, p) =
+                        super::super::bn_backward_any(mask, &gamma, &saved, &g, (train, params))
+                            .expect("segmented backward");
+                    let (wdx, wp) = super::super::bn_backward_per_segment(
+                        mask,
+                        &gamma,
+                        &saved,
+                        &g,
+                        (train, params),
+                    )
+                    .expect("joined backward");
+                    assert_same(&format!("{what} dL/dx"), &dx, &wdx);
+                    assert_eq!(p.is_some(), params, "{what}: parameter gradients");
+                    if let (Some((dg, db)), Some((wdg, wdb))) = (p, wp) {
+                        assert_same(&format!("{what} dL/dgamma"), &dg, &wdg);
+                        assert_same(&format!("{what} dL/dbeta"), &db, &wdb);
+                    }
+                    if !train {
+                        // The eval-mode dL/dx, read by the convolution before the BatchNorm.
+                        assert_same(
+                            &format!("{what} through the convolution"),
+                            &super::super::conv2d_backward_input_through_bn(
+                                &x_in,
+                                &w,
+                                (&g, mask),
+                                (&gamma, &saved),
+                                1,
+                                1,
+                            )
+                            .expect("through bn"),
+                            &super::super::conv2d_backward_input(&x_in, &w, &wdx, 1, 1)
+                                .expect("conv backward"),
+                        );
+                    }
+                }
+            }
+        }
+        let bad = super::super::batch_norm_relu(
+            &x,
+            (&gamma, &beta),
+            (&rm, &rv),
+            true,
+            (true, true),
+            &[3, 3],
+        );
+        assert!(
+            bad.is_err(),
+            "segments that do not cover the batch are refused"
+        );
+    }
+
+    #[test]
+    fn segmented_batch_norm_is_each_segments_own_pass() {
+        segments_are_their_own_passes(DType::F64);
+        segments_are_their_own_passes(DType::F32);
     }
 
     #[test]

@@ -90,6 +90,20 @@ pub fn conv2d_backward_input(
     dispatch!(x, conv2d_backward_input(x, w, grad, stride, padding))
 }
 
+/// dL/dw of [`conv2d`] alone: the same value as the second output of [`conv2d_backward`]
+/// (the same kernel on the CPU), without dL/dx. Path batching takes each group's dL/dw from
+/// its images ([`Tensor::narrow`] views), so that the groups' sums are those of their own
+/// passes.
+pub fn conv2d_backward_weight(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    dispatch!(x, conv2d_backward_weight(x, w, grad, stride, padding))
+}
+
 /// Per-channel `(x - mean[c]) / std[c]`.
 pub fn normalize(x: &Tensor, mean: &Tensor, std: &Tensor) -> Result<Tensor> {
     x.broadcast_sub(&per_channel(mean)?)?
@@ -102,6 +116,12 @@ pub fn normalize_backward(std: &Tensor, grad: &Tensor) -> Result<Tensor> {
 }
 
 /// What a BatchNorm forward pass leaves for its backward and for the running update.
+///
+/// A pass over a batch of several segments (path batching: consecutive runs of images that
+/// BatchNorm treats as batches of their own, see [`crate::model::forward_groups`]) normalises
+/// each segment with its own parameters and statistics: every per-channel tensor then holds
+/// `S·C` values, segment s's channels at `s·C..(s+1)·C`, and each backward pass treats each
+/// segment as the pass over that segment alone would, bit for bit.
 #[derive(Debug, Clone)]
 pub struct BnSaved {
     /// The normalised input x̂, when the pass wrote it: the stock ops write it in train mode,
@@ -110,14 +130,16 @@ pub struct BnSaved {
     pub x_hat: Option<Tensor>,
     /// The BatchNorm's input x (the same storage as the pass's output of the node before).
     pub input: Tensor,
-    /// The mean x was normalised with, `[C]`: the batch mean (train), the running mean (eval).
+    /// The mean x was normalised with, `[S·C]`: the batch mean (train), the running mean (eval).
     pub mean: Tensor,
-    /// 1 / sqrt(var + eps), `[C]`.
+    /// 1 / sqrt(var + eps), `[S·C]`.
     pub inv_std: Tensor,
-    /// Batch mean, `[C]` (train mode only).
+    /// Batch mean, `[S·C]` (train mode only).
     pub batch_mean: Option<Tensor>,
-    /// Biased batch variance, `[C]` (train mode only).
+    /// Biased batch variance, `[S·C]` (train mode only).
     pub batch_var: Option<Tensor>,
+    /// Images per segment (one entry, the batch size, for a pass over one batch).
+    pub segments: Vec<usize>,
 }
 
 impl BnSaved {
@@ -129,9 +151,102 @@ impl BnSaved {
     pub fn x_hat(&self) -> Result<Tensor> {
         match &self.x_hat {
             Some(x_hat) => Ok(x_hat.clone()),
+            None if self.segments.len() > 1 => {
+                let parts = (0..self.segments.len())
+                    .map(|s| self.segment(s)?.x_hat())
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)
+            }
             None => dispatch!(self.input, batch_norm_x_hat(self)),
         }
     }
+
+    /// What the pass over segment `s` alone would have saved (views, no copies).
+    ///
+    /// # Errors
+    /// If `s` is not a segment of the pass.
+    pub fn segment(&self, s: usize) -> Result<BnSaved> {
+        let Some(&len) = self.segments.get(s) else {
+            candle_core::bail!("batch norm: segment {s} of {}", self.segments.len())
+        };
+        let start: usize = self.segments[..s].iter().sum();
+        let c = self.input.dim(1)?;
+        let stat = |t: &Tensor| t.narrow(0, s * c, c);
+        Ok(BnSaved {
+            x_hat: self
+                .x_hat
+                .as_ref()
+                .map(|t| t.narrow(0, start, len))
+                .transpose()?,
+            input: self.input.narrow(0, start, len)?,
+            mean: stat(&self.mean)?,
+            inv_std: stat(&self.inv_std)?,
+            batch_mean: self.batch_mean.as_ref().map(stat).transpose()?,
+            batch_var: self.batch_var.as_ref().map(stat).transpose()?,
+            segments: vec![len],
+        })
+    }
+}
+
+/// Checks that `segments` (images per segment) cover the `n` images of a batch, and that the
+/// per-channel tensors hold one set of `c` values per segment.
+fn check_segments(
+    what: &str,
+    n: usize,
+    c: usize,
+    segments: &[usize],
+    per_channel: &[&Tensor],
+) -> Result<()> {
+    if segments.is_empty() || segments.contains(&0) || segments.iter().sum::<usize>() != n {
+        candle_core::bail!("{what}: segments {segments:?} do not split a batch of {n}");
+    }
+    for t in per_channel {
+        if t.dims() != [segments.len() * c] {
+            candle_core::bail!(
+                "{what}: per-channel tensor {:?} for {} segments of {c} channels",
+                t.dims(),
+                segments.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Each segment's index, first image and image count.
+fn segment_ranges(segments: &[usize]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    segments.iter().enumerate().scan(0, |start, (s, &len)| {
+        let first = *start;
+        *start += len;
+        Some((s, first, len))
+    })
+}
+
+/// Segment `s`'s `c` values of a per-channel tensor `[S·C]`.
+fn channels_of(t: &Tensor, s: usize, c: usize) -> Result<Tensor> {
+    t.narrow(0, s * c, c)
+}
+
+/// The segments' saved values joined into one [`BnSaved`] for the whole batch `x`.
+fn join_saved(x: &Tensor, parts: Vec<BnSaved>, segments: &[usize]) -> Result<BnSaved> {
+    let cat = |f: &dyn Fn(&BnSaved) -> Option<Tensor>, dim: usize| -> Result<Option<Tensor>> {
+        let all: Option<Vec<Tensor>> = parts.iter().map(f).collect();
+        all.map(|ts| Tensor::cat(&ts, dim)).transpose()
+    };
+    Ok(BnSaved {
+        x_hat: cat(&|p| p.x_hat.clone(), 0)?,
+        input: x.clone(),
+        mean: cat(&|p| Some(p.mean.clone()), 0)?.expect("every part has a mean"),
+        inv_std: cat(&|p| Some(p.inv_std.clone()), 0)?.expect("every part has inv_std"),
+        batch_mean: cat(&|p| p.batch_mean.clone(), 0)?,
+        batch_var: cat(&|p| p.batch_var.clone(), 0)?,
+        segments: segments.to_vec(),
+    })
+}
+
+/// Joins optional per-segment maps along the batch dimension.
+fn join_maps(parts: Vec<Option<Tensor>>) -> Result<Option<Tensor>> {
+    let all: Option<Vec<Tensor>> = parts.into_iter().collect();
+    all.map(|ts| Tensor::cat(&ts, 0)).transpose()
 }
 
 /// dL/dx of a convolution whose output an eval-mode BatchNorm read, from `grad` at the
@@ -148,12 +263,20 @@ pub fn conv2d_backward_input_through_bn(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    let segments = &saved.segments;
+    check_segments(
+        "conv2d backward through batch norm",
+        grad.dim(0)?,
+        grad.dim(1)?,
+        segments,
+        &[gamma, &saved.inv_std],
+    )?;
     match (grad.device(), grad.dtype()) {
         (Device::Cpu, DType::F32) => cpu::conv2d_backward_input_scaled::<f32>(
             x,
             w,
             (grad, mask),
-            (gamma, &saved.inv_std),
+            (gamma, &saved.inv_std, segments),
             stride,
             padding,
         ),
@@ -161,7 +284,7 @@ pub fn conv2d_backward_input_through_bn(
             x,
             w,
             (grad, mask),
-            (gamma, &saved.inv_std),
+            (gamma, &saved.inv_std, segments),
             stride,
             padding,
         ),
@@ -190,29 +313,35 @@ pub fn batch_norm(
         train,
         None,
         (true, false),
+        &[x.dim(0)?],
     )?;
     Ok((y.expect("asked for y"), saved))
 }
 
 /// BatchNorm followed by a ReLU, fused: `(y, max(y, 0), saved)` with y = [`batch_norm`]'s
-/// output, `None` unless `keep_y` (a pass that drops activations needs only the ReLU's). The
-/// values are those of [`batch_norm`] then [`relu`]; the CPU writes both in one pass over x.
+/// output, `None` unless `keep_y` (a pass that drops activations needs only the ReLU's), and
+/// the ReLU `None` unless `relu`. The values are those of [`batch_norm`] then [`relu`]; the CPU
+/// writes both in one pass over x.
+///
+/// `segments` (images per segment) splits the batch into segments normalised as batches of
+/// their own, with per-channel tensors of `S·C` values (see [`BnSaved`]); `&[N]` for one batch.
 pub fn batch_norm_relu(
     x: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
     (running_mean, running_var): (&Tensor, &Tensor),
     train: bool,
-    keep_y: bool,
-) -> Result<(Option<Tensor>, Tensor, BnSaved)> {
-    let (y, z, saved) = batch_norm_outputs(
+    (keep_y, relu): (bool, bool),
+    segments: &[usize],
+) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
+    batch_norm_outputs(
         x,
         (gamma, beta),
         (running_mean, running_var),
         train,
         None,
-        (keep_y, true),
-    )?;
-    Ok((y, z.expect("asked for the relu"), saved))
+        (keep_y, relu),
+        segments,
+    )
 }
 
 /// The end of a residual block fused: BatchNorm of `x`, the add of `residual` (the shortcut)
@@ -220,7 +349,8 @@ pub fn batch_norm_relu(
 /// y = [`batch_norm`]'s output, the sum `None` unless `keep_sum` and the ReLU `None` unless
 /// `relu`. The values are those of [`batch_norm`], [`add`] and [`relu`] in turn (the add is
 /// commutative in floating point, so the order of the plan's add inputs does not matter); the
-/// CPU writes them in one pass over x and the residual, and never writes y.
+/// CPU writes them in one pass over x and the residual, and never writes y. `segments` as in
+/// [`batch_norm_relu`].
 pub fn batch_norm_add_relu(
     x: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
@@ -228,6 +358,7 @@ pub fn batch_norm_add_relu(
     train: bool,
     residual: &Tensor,
     (keep_sum, relu): (bool, bool),
+    segments: &[usize],
 ) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
     batch_norm_outputs(
         x,
@@ -236,6 +367,7 @@ pub fn batch_norm_add_relu(
         train,
         Some(residual),
         (keep_sum, relu),
+        segments,
     )
 }
 
@@ -247,14 +379,44 @@ fn batch_norm_outputs(
     train: bool,
     residual: Option<&Tensor>,
     (keep_y, relu): (bool, bool),
+    segments: &[usize],
 ) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    check_segments(
+        "batch norm",
+        n,
+        c,
+        segments,
+        &[affine.0, affine.1, running.0, running.1],
+    )?;
     match (x.device(), x.dtype()) {
-        (Device::Cpu, DType::F32) => {
-            cpu::batch_norm::<f32>(x, affine, running, train, residual, (keep_y, relu))
-        }
-        (Device::Cpu, DType::F64) => {
-            cpu::batch_norm::<f64>(x, affine, running, train, residual, (keep_y, relu))
-        }
+        (Device::Cpu, DType::F32) => cpu::batch_norm::<f32>(
+            x,
+            affine,
+            running,
+            train,
+            residual,
+            (keep_y, relu),
+            segments,
+        ),
+        (Device::Cpu, DType::F64) => cpu::batch_norm::<f64>(
+            x,
+            affine,
+            running,
+            train,
+            residual,
+            (keep_y, relu),
+            segments,
+        ),
+        _ if segments.len() > 1 => batch_norm_per_segment(
+            x,
+            affine,
+            running,
+            train,
+            residual,
+            (keep_y, relu),
+            segments,
+        ),
         _ => {
             let (y, saved) = stock::batch_norm(x, affine.0, affine.1, running.0, running.1, train)?;
             let y = match residual {
@@ -267,18 +429,58 @@ fn batch_norm_outputs(
     }
 }
 
-/// PyTorch's running-statistics update after a train-mode pass over `count` = N·H·W values:
-/// running = (1 − m)·running + m·batch, with the unbiased variance for `running_var`.
+/// [`batch_norm_outputs`] of each segment on its own, joined (how the stock ops batch paths).
+fn batch_norm_per_segment(
+    x: &Tensor,
+    affine: (&Tensor, &Tensor),
+    running: (&Tensor, &Tensor),
+    train: bool,
+    residual: Option<&Tensor>,
+    keep: (bool, bool),
+    segments: &[usize],
+) -> Result<(Option<Tensor>, Option<Tensor>, BnSaved)> {
+    let c = x.dim(1)?;
+    let (mut ys, mut zs, mut saved) = (Vec::new(), Vec::new(), Vec::new());
+    for (s, start, len) in segment_ranges(segments) {
+        let ch = |t: &Tensor| channels_of(t, s, c);
+        let residual = residual.map(|r| r.narrow(0, start, len)).transpose()?;
+        let (y, z, part) = batch_norm_outputs(
+            &x.narrow(0, start, len)?,
+            (&ch(affine.0)?, &ch(affine.1)?),
+            (&ch(running.0)?, &ch(running.1)?),
+            train,
+            residual.as_ref(),
+            keep,
+            &[len],
+        )?;
+        ys.push(y);
+        zs.push(z);
+        saved.push(part);
+    }
+    Ok((
+        join_maps(ys)?,
+        join_maps(zs)?,
+        join_saved(x, saved, segments)?,
+    ))
+}
+
+/// PyTorch's running-statistics update after a train-mode pass, from segment `segment`'s
+/// batch statistics (over its N·H·W values): running = (1 − m)·running + m·batch, with the
+/// unbiased variance for `running_var`. A pass over one batch has the one segment 0; the
+/// segments of a batched pass update in turn, each from the statistics the one before left.
 pub fn batch_norm_running_update(
     running_mean: &Tensor,
     running_var: &Tensor,
     saved: &BnSaved,
-    count: usize,
+    segment: usize,
 ) -> Result<(Tensor, Tensor)> {
+    let saved = saved.segment(segment)?;
     let (Some(mean), Some(var)) = (&saved.batch_mean, &saved.batch_var) else {
         return Ok((running_mean.clone(), running_var.clone()));
     };
-    let unbiased = (var * (count as f64 / (count as f64 - 1.0)))?;
+    let (n, _, h, w) = saved.input.dims4()?;
+    let count = (n * h * w) as f64;
+    let unbiased = (var * (count / (count - 1.0)))?;
     let m = BN_MOMENTUM;
     let new_mean = ((running_mean * (1.0 - m))? + (mean * m)?)?;
     let new_var = ((running_var * (1.0 - m))? + (unbiased * m)?)?;
@@ -365,12 +567,22 @@ fn bn_backward_any(
     grad: &Tensor,
     (train, params): (bool, bool),
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    check_segments(
+        "batch norm backward",
+        grad.dim(0)?,
+        grad.dim(1)?,
+        &saved.segments,
+        &[gamma, &saved.mean, &saved.inv_std],
+    )?;
     match (grad.device(), grad.dtype()) {
         (Device::Cpu, DType::F32) => {
             cpu::batch_norm_backward::<f32>(mask, gamma, saved, grad, (train, params))
         }
         (Device::Cpu, DType::F64) => {
             cpu::batch_norm_backward::<f64>(mask, gamma, saved, grad, (train, params))
+        }
+        _ if saved.segments.len() > 1 => {
+            bn_backward_per_segment(mask, gamma, saved, grad, (train, params))
         }
         _ => {
             let grad = match mask {
@@ -388,6 +600,37 @@ fn bn_backward_any(
             }
         }
     }
+}
+
+/// [`bn_backward_any`] of each segment on its own, joined (how the stock ops batch paths).
+fn bn_backward_per_segment(
+    mask: Option<&Tensor>,
+    gamma: &Tensor,
+    saved: &BnSaved,
+    grad: &Tensor,
+    (train, params): (bool, bool),
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let c = grad.dim(1)?;
+    let (mut gx, mut gg, mut gb) = (Vec::new(), Vec::new(), Vec::new());
+    for (s, start, len) in segment_ranges(&saved.segments) {
+        let mask = mask.map(|m| m.narrow(0, start, len)).transpose()?;
+        let (x, p) = bn_backward_any(
+            mask.as_ref(),
+            &channels_of(gamma, s, c)?,
+            &saved.segment(s)?,
+            &grad.narrow(0, start, len)?,
+            (train, params),
+        )?;
+        gx.push(x);
+        if let Some((g, b)) = p {
+            gg.push(g);
+            gb.push(b);
+        }
+    }
+    let params = params
+        .then(|| Ok::<_, candle_core::Error>((Tensor::cat(&gg, 0)?, Tensor::cat(&gb, 0)?)))
+        .transpose()?;
+    Ok((Tensor::cat(&gx, 0)?, params))
 }
 
 /// max(x, 0) (CPU: one parallel pass).
@@ -591,6 +834,24 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     let loss = (diff.sqr()?.sum_all()? / numel)?;
     let grad = (diff * (2.0 / numel))?;
     Ok((loss, grad))
+}
+
+/// [`mse`] of each of `groups` equal parts of the batch (path batching: one part per path):
+/// each part's loss, and the gradient of every part's loss in one tensor. Each value is the
+/// one [`mse`] gives for that part alone.
+pub fn mse_groups(a: &Tensor, b: &Tensor, groups: usize) -> Result<(Vec<Tensor>, Tensor)> {
+    let n = a.dim(0)?;
+    if groups == 0 || !n.is_multiple_of(groups) {
+        candle_core::bail!("mse: a batch of {n} does not split into {groups} groups");
+    }
+    let per = n / groups;
+    let diff = (a - b)?;
+    let numel = (diff.elem_count() / groups) as f64;
+    let losses = (0..groups)
+        .map(|g| diff.narrow(0, g * per, per)?.sqr()?.sum_all()? / numel)
+        .collect::<Result<Vec<_>>>()?;
+    let grad = (diff * (2.0 / numel))?;
+    Ok((losses, grad))
 }
 
 /// The ensemble output log(max(mean_m softmax(z_m), floor)) and, given dL/d(output), the

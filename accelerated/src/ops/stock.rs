@@ -38,14 +38,26 @@ pub fn conv2d_backward(
     stride: usize,
     padding: usize,
 ) -> Result<(Tensor, Tensor)> {
+    Ok((
+        conv2d_backward_input(x, w, grad, stride, padding)?,
+        conv2d_backward_weight(x, w, grad, stride, padding)?,
+    ))
+}
+
+/// dL/dw of [`conv2d`] (the second half of [`conv2d_backward`]).
+pub fn conv2d_backward_weight(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
-    let grad_x = conv2d_backward_input(x, w, grad, stride, padding)?;
     let grad_w = x
         .transpose(0, 1)?
         .conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?
         .transpose(0, 1)?;
-    let grad_w = grad_w.narrow(2, 0, kh)?.narrow(3, 0, kw)?.contiguous()?;
-    Ok((grad_x, grad_w))
+    grad_w.narrow(2, 0, kh)?.narrow(3, 0, kw)?.contiguous()
 }
 
 /// BatchNorm2d forward. Train mode normalises with the batch mean and biased variance over
@@ -79,6 +91,7 @@ pub fn batch_norm(
         mean,
         inv_std,
         batch_var: train.then_some(var),
+        segments: vec![x.dim(0)?],
     };
     Ok((y, saved))
 }

@@ -61,6 +61,7 @@ pub fn batch_norm_tangent(
     dx: &Tensor,
     train: bool,
 ) -> Result<(Tensor, Tensor)> {
+    one_segment("batch norm tangent", saved)?;
     let dx_hat = if train {
         batch_norm_backward_input(&gamma.ones_like()?, saved, dx, true)?
     } else {
@@ -68,6 +69,17 @@ pub fn batch_norm_tangent(
     };
     let dy = dx_hat.broadcast_mul(&per_channel(gamma)?)?;
     Ok((dy, dx_hat))
+}
+
+/// Second-order passes run along one path: a path-batched pass's saved values are refused.
+fn one_segment(what: &str, saved: &BnSaved) -> Result<()> {
+    if saved.segments.len() != 1 {
+        candle_core::bail!(
+            "{what}: a pass over {} segments (second-order passes take one batch)",
+            saved.segments.len()
+        );
+    }
+    Ok(())
 }
 
 /// The gradients a BatchNorm node passes back in a reverse-over-forward pass.
@@ -113,6 +125,7 @@ pub fn batch_norm_second_backward(
     tangent_grad: &Tensor,
     train: bool,
 ) -> Result<BnSecondGrads> {
+    one_segment("batch norm second-order backward", saved)?;
     let (gx, gamma_primal, beta) = batch_norm_backward(gamma, saved, grad, train)?;
     let gamma_tangent = tangent_grad.mul(dx_hat)?.sum((0, 2, 3))?;
     let tangent_input = batch_norm_backward_input(gamma, saved, tangent_grad, train)?;

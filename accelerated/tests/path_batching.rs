@@ -1,0 +1,326 @@
+//! Path batching against the passes it replaces, bit for bit: `model::forward_groups` (one
+//! group of images per path) against `forward_for_backward` along each path in turn, with its
+//! running statistics, `input_gradient`, `backward_groups` and `backward`; and
+//! `distill::eq2_distill_paths` (the p distillations in lock-step) against `eq2_distill` for
+//! each path in turn, with the random numbers it draws. In f64 and f32, train and eval mode,
+//! on a ResNet-8 with shared convolutions (one convolution serves every group) and with
+//! independent ones (one per run of groups that select the same weight), with paths that
+//! agree and disagree at each gate.
+
+use candle_core::{DType, Device, Tensor};
+use eio_accelerated::distill::{eq2_distill, eq2_distill_paths};
+use eio_accelerated::model::{
+    backward, backward_groups, forward_for_backward, forward_groups, input_gradient, Gradients,
+};
+use eio_accelerated::state::ModelState;
+use eio_spec::config::{BnMode, Config, Preset};
+use eio_spec::plan::{FeatureSite, Op, Plan};
+use eio_spec::rng::Seeds;
+use eio_spec::Path;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Images per group.
+const N: usize = 3;
+
+fn config(sharing: &str) -> Config {
+    Preset::Official
+        .config()
+        .and_then(|c| {
+            c.with_overrides(&[
+                "model.depth=8",
+                "model.width=0.25",
+                "model.input_size=8",
+                "model.n=2",
+                "model.classes=5",
+                &format!("model.sharing={sharing}"),
+            ])
+        })
+        .expect("a valid small config")
+}
+
+fn random(dims: &[usize], lo: f64, hi: f64, dtype: DType, rng: &mut ChaCha8Rng) -> Tensor {
+    let len = dims.iter().product();
+    let values: Vec<f64> = (0..len).map(|_| rng.random_range(lo..hi)).collect();
+    Tensor::from_vec(values, dims, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .expect("host tensor")
+}
+
+/// The values of `t` as the bit patterns of their f64 widening (exact for f32).
+fn bits(t: &Tensor) -> Vec<u64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("host values")
+        .into_iter()
+        .map(f64::to_bits)
+        .collect()
+}
+
+#[track_caller]
+fn assert_same(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    assert!(bits(got) == bits(want), "{what}: values differ");
+}
+
+fn group(t: &Tensor, g: usize) -> Tensor {
+    t.narrow(0, g * N, N).expect("a group")
+}
+
+fn assert_same_gradients(what: &str, got: &Gradients, want: &Gradients) {
+    assert_eq!(
+        got.params.keys().collect::<Vec<_>>(),
+        want.params.keys().collect::<Vec<_>>(),
+        "{what}: the parameters with gradients"
+    );
+    for (name, g) in &want.params {
+        assert_same(&format!("{what} d/d{name}"), &got.params[name], g);
+    }
+    match (&got.input, &want.input) {
+        (Some(a), Some(b)) => assert_same(&format!("{what} dL/dx"), a, b),
+        (a, b) => assert_eq!(a.is_some(), b.is_some(), "{what}: input gradient"),
+    }
+}
+
+fn assert_same_state(what: &str, got: &ModelState, want: &ModelState) {
+    assert_eq!(got.counters, want.counters, "{what}: counters");
+    for (name, t) in &want.tensors {
+        assert_same(&format!("{what} {name}"), &got.tensors[name], t);
+    }
+}
+
+/// A state whose BatchNorm candidates differ (at initialisation every candidate has γ = 1,
+/// β = 0 and the same running statistics, which would hide a group given another's).
+fn state(plan: &Plan, seed: u64, dtype: DType, rng: &mut ChaCha8Rng) -> ModelState {
+    let mut state =
+        ModelState::init(plan, &Seeds::new(seed), 0, &Device::Cpu, dtype).expect("initial state");
+    for node in &plan.nodes {
+        if let Op::BatchNorm { channels, params } = &node.op {
+            for names in &params.candidates {
+                for (name, lo, hi) in [
+                    (&names.weight, 0.5, 1.5),
+                    (&names.bias, -0.2, 0.2),
+                    (&names.running_mean, -0.2, 0.2),
+                    (&names.running_var, 0.5, 1.5),
+                ] {
+                    let values = random(&[*channels], lo, hi, dtype, rng);
+                    state.tensors.insert(name.clone(), values);
+                }
+            }
+        }
+    }
+    state
+}
+
+/// Three paths whose groups form runs of equal and different choices at every gate: all
+/// zeros, all zeros, all ones; and all ones, a random path, all zeros.
+fn path_sets(plan: &Plan, rng: &mut ChaCha8Rng) -> Vec<Vec<Path>> {
+    let k = plan.k();
+    let zeros = Path::new(vec![0; k]);
+    let ones = Path::new(vec![1; k]);
+    let random = plan.path_space().sample(rng);
+    vec![
+        vec![zeros.clone(), zeros.clone(), ones.clone()],
+        vec![ones, random, zeros],
+    ]
+}
+
+fn passes(sharing: &str, dtype: DType) {
+    let config = config(sharing);
+    let plan = Plan::build(&config.model).expect("a valid small ResNet");
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let state = state(&plan, 11, dtype, &mut rng);
+    for paths in path_sets(&plan, &mut rng) {
+        let images = random(&[paths.len() * N, 3, 8, 8], 0.0, 1.0, dtype, &mut rng);
+        for mode in [BnMode::Train, BnMode::Eval] {
+            for end in [
+                plan.logits(),
+                plan.feature_node(2, FeatureSite::AfterRelu, true),
+                plan.feature_node(3, FeatureSite::BeforeRelu, false),
+            ] {
+                let what = format!("{sharing} {dtype:?} {mode:?} {paths:?} end {end}");
+                let batched = forward_groups(&plan, &state, &paths, &images, mode, end)
+                    .expect("batched pass");
+                let seed = random(batched.last().dims(), -1.0, 1.0, dtype, &mut rng);
+                let seeds = [(end, seed.clone())];
+                let per_group = backward_groups(&plan, &state, &batched, &seeds).expect("backward");
+                let input = input_gradient(&plan, &state, &batched, &seeds).expect("dL/dx");
+                let summed = backward(&plan, &state, &batched, &seeds).expect("summed backward");
+                // The passes one after the other, each committing its running statistics.
+                let mut one_by_one = state.clone();
+                let mut total = Gradients::default();
+                for (g, path) in paths.iter().enumerate() {
+                    let what = format!("{what} group {g}");
+                    let own = forward_for_backward(
+                        &plan,
+                        &one_by_one,
+                        path,
+                        &group(&images, g),
+                        mode,
+                        end,
+                    )
+                    .expect("own pass");
+                    one_by_one.commit(&own);
+                    assert_eq!(own.len(), batched.len(), "{what}: nodes run");
+                    for id in 0..own.len() {
+                        match (&own.outputs[id], &batched.outputs[id]) {
+                            (Some(want), Some(got)) => {
+                                assert_same(&format!("{what} node {id}"), &group(got, g), want)
+                            }
+                            (want, got) => {
+                                assert_eq!(got.is_some(), want.is_some(), "{what}: node {id} kept")
+                            }
+                        }
+                    }
+                    let own_seeds = [(end, group(&seed, g))];
+                    let own_grads = backward(&plan, &state, &own, &own_seeds).expect("backward");
+                    assert_same_gradients(&format!("{what} backward"), &per_group[g], &own_grads);
+                    assert_same(
+                        &format!("{what} input_gradient"),
+                        &group(&input, g),
+                        &input_gradient(&plan, &state, &own, &own_seeds).expect("dL/dx"),
+                    );
+                    total.add(own_grads).expect("sum");
+                }
+                let mut batched_state = state.clone();
+                batched_state.commit(&batched);
+                assert_same_state(
+                    &format!("{what} running statistics"),
+                    &batched_state,
+                    &one_by_one,
+                );
+                // backward sums the groups in order; its dL/dx is the whole batch's.
+                total.input = Some(input.clone());
+                assert_same_gradients(&format!("{what} summed"), &summed, &total);
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_passes_are_each_paths_own_shared_conv() {
+    passes("shared-conv", DType::F64);
+    passes("shared-conv", DType::F32);
+}
+
+#[test]
+fn batched_passes_are_each_paths_own_independent() {
+    passes("independent", DType::F64);
+    passes("independent", DType::F32);
+}
+
+fn distillations(sharing: &str, dtype: DType) {
+    let mut config = config(sharing);
+    let plan = Plan::build(&config.model).expect("a valid small ResNet");
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let state = state(&plan, 3, dtype, &mut rng);
+    let x_s = random(&[N, 3, 8, 8], 0.0, 1.0, dtype, &mut rng);
+    let x_t = random(&[N, 3, 8, 8], 0.0, 1.0, dtype, &mut rng);
+    config.distill.steps = 3;
+    for paths in path_sets(&plan, &mut rng) {
+        for (mode, momentum, random_start) in [
+            (BnMode::Eval, false, true),
+            (BnMode::Eval, true, false),
+            (BnMode::Train, true, true),
+        ] {
+            config.distill.bn_mode = mode;
+            config.distill.momentum = momentum;
+            config.distill.random_start = random_start;
+            let what = format!("{sharing} {dtype:?} {mode:?} momentum {momentum} {paths:?}");
+            let layer = 2;
+            let (mut batched_state, mut one_by_one) = (state.clone(), state.clone());
+            let (mut batched_rng, mut own_rng) =
+                (ChaCha8Rng::seed_from_u64(1), ChaCha8Rng::seed_from_u64(1));
+            let batched = eq2_distill_paths(
+                &plan,
+                &mut batched_state,
+                &paths,
+                layer,
+                &x_t,
+                &x_s,
+                &config.distill,
+                &mut batched_rng,
+            )
+            .expect("lock-step distillations");
+            assert_eq!(batched.len(), paths.len(), "{what}: one per path");
+            for (g, path) in paths.iter().enumerate() {
+                let own = eq2_distill(
+                    &plan,
+                    &mut one_by_one,
+                    path,
+                    layer,
+                    &x_t,
+                    &x_s,
+                    &config.distill,
+                    &mut own_rng,
+                )
+                .expect("own distillation");
+                let what = format!("{what} path {g}");
+                assert_same(&format!("{what} x'"), &batched[g].images, &own.images);
+                assert_eq!(
+                    batched[g]
+                        .losses
+                        .iter()
+                        .map(|l| l.to_bits())
+                        .collect::<Vec<_>>(),
+                    own.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                    "{what}: losses"
+                );
+                assert_eq!(batched[g].sign_ties, own.sign_ties, "{what}: sign ties");
+                assert!(
+                    bits(&(&own.images - &x_s).expect("diff"))
+                        .iter()
+                        .any(|&b| b != 0),
+                    "{what}: the distillation moved the images"
+                );
+            }
+            assert_same_state(&format!("{what} state"), &batched_state, &one_by_one);
+            assert_eq!(
+                batched_rng.random::<u64>(),
+                own_rng.random::<u64>(),
+                "{what}: the same random numbers drawn"
+            );
+        }
+    }
+}
+
+#[test]
+fn lock_step_distillations_are_each_paths_own() {
+    for sharing in ["shared-conv", "independent"] {
+        distillations(sharing, DType::F64);
+        distillations(sharing, DType::F32);
+    }
+}
+
+#[test]
+fn batches_that_do_not_split_into_groups_are_refused() {
+    let config = config("shared-conv");
+    let plan = Plan::build(&config.model).expect("a valid small ResNet");
+    let state = ModelState::init(&plan, &Seeds::new(1), 0, &Device::Cpu, DType::F32)
+        .expect("initial state");
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let paths = path_sets(&plan, &mut rng).remove(0);
+    let images = random(&[7, 3, 8, 8], 0.0, 1.0, DType::F32, &mut rng);
+    let err = forward_groups(&plan, &state, &paths, &images, BnMode::Eval, plan.logits())
+        .expect_err("7 images in 3 groups");
+    assert!(
+        err.to_string().contains("7 images") && err.to_string().contains("3 equal groups"),
+        "{err}"
+    );
+    assert!(forward_groups(&plan, &state, &[], &images, BnMode::Eval, plan.logits()).is_err());
+    let images = random(&[6, 3, 8, 8], 0.0, 1.0, DType::F32, &mut rng);
+    let trace = forward_groups(
+        &plan,
+        &state,
+        &paths[..2],
+        &images,
+        BnMode::Eval,
+        plan.logits(),
+    )
+    .expect("two groups");
+    assert!(
+        trace.one_path().is_err(),
+        "a batched trace has no single path"
+    );
+}
