@@ -28,7 +28,8 @@
 //! Flags (`--help` lists them): `--workloads a,b`, `--batch 128`, `--eval-batch 100`, `--iters 20`, `--warmup 5`,
 //! `--eio-iters N` / `--pgd-iters N` / `--eio-warmup N` / `--pgd-warmup N` (per-workload
 //! overrides), `--distill-layer 0`, `--pgd-steps 50`, `--dtype f32|f64`, `--device cpu|cuda`,
-//! `--seed 0`, `--json PATH`, `--malloc-default` (leave glibc's allocator settings as they are
+//! `--seed 0`, `--json PATH`, `--path-batching auto|sequential|batched` (how `eio_step` schedules
+//! its paths; `auto` is the device's default), `--malloc-default` (leave glibc's allocator settings as they are
 //! instead of `device::keep_freed_memory`, to measure what that does), `--phases` (with
 //! `eio_step`: where its time goes, see [`phases`]).
 
@@ -37,10 +38,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use eio_accelerated::attack::{pgd, AttackSettings, Target};
-use eio_accelerated::eio::{eq4_iteration, pretrain_iteration, EioBatch};
+use eio_accelerated::eio::{eq4_iteration_with, pretrain_iteration, EioBatch};
 use eio_accelerated::model::{backward, eval_logits, forward, input_gradient, logits};
 use eio_accelerated::ops;
 use eio_accelerated::optim::{Sgd, SgdConfig};
+use eio_accelerated::path_batching::PathBatching;
 use eio_accelerated::state::ModelState;
 use eio_spec::config::{AttackLoss, BnMode, Config};
 use eio_spec::rng::{Seeds, Stream};
@@ -132,9 +134,31 @@ struct Args {
     /// Where an eio_step iteration's time goes, phase by phase, instead of the workloads.
     #[arg(long)]
     phases: bool,
+    /// How eio_step schedules its paths: `auto` (the device's default,
+    /// `PathBatching::for_device`), `sequential` or `batched` (the same results).
+    #[arg(long, default_value = "auto")]
+    path_batching: Batching,
     /// Passed by `cargo bench` to every bench target.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// `--path-batching`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Batching {
+    Auto,
+    Sequential,
+    Batched,
+}
+
+impl Batching {
+    fn on(self, device: &Device) -> PathBatching {
+        match self {
+            Batching::Auto => PathBatching::for_device(device),
+            Batching::Sequential => PathBatching::Sequential,
+            Batching::Batched => PathBatching::Batched,
+        }
+    }
 }
 
 /// The kernel's peak resident set of this process, reset and read through procfs (Linux).
@@ -340,15 +364,17 @@ impl Bench {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let batching = a.path_batching.on(&self.device);
         let times = time_loop(&self.device, warmup, iters, |i| {
             let mut start = seeds.stream(Stream::DistillStart, i as u64);
-            eq4_iteration(
+            eq4_iteration_with(
                 &plan,
                 &mut state,
                 &mut optimiser,
                 &config,
                 &batches[i % 4],
                 &draws[i],
+                batching,
                 &mut start,
             )?;
             Ok(())
@@ -361,6 +387,7 @@ impl Bench {
                 "layers_timed": timed.iter().map(|d| d.layer).collect::<Vec<_>>(),
                 "paths_per_iter_timed": timed.iter().map(|d| d.paths.len()).collect::<Vec<_>>(),
                 "warmup_iters_used": warmup,
+                "path_batching": format!("{batching:?}"),
             }),
         })
     }

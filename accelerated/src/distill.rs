@@ -15,6 +15,7 @@ use rand::Rng;
 
 use crate::model::{forward_groups, input_gradient};
 use crate::ops;
+use crate::path_batching::PathBatching;
 use crate::state::ModelState;
 
 /// Gradient entries with |g| below this count as sign ties.
@@ -74,28 +75,30 @@ pub fn eq2_distill<R: Rng + ?Sized>(
 }
 
 /// [`eq2_distill`] for each of `paths` in turn (Algorithm 1 line 17, the p distillations of
-/// one iteration), with the same results. With eval-mode BatchNorm nothing a distillation
-/// reads changes between them, so they advance in lock-step: each step is one path-batched
-/// pass over one copy of the batch per path ([`forward_groups`]). Train-mode BatchNorm updates
-/// running statistics at every step, in the order of the paths, so those distillations run one
-/// after the other.
+/// one iteration), with the same results. [`PathBatching::Batched`] with eval-mode BatchNorm,
+/// where nothing a distillation reads changes between them, advances them in lock-step: each
+/// step is one path-batched pass over one copy of the batch per path ([`forward_groups`]).
+/// Train-mode BatchNorm updates running statistics at every step, in the order of the paths,
+/// so those distillations always run one after the other.
 ///
 /// # Errors
 /// On a device error.
-#[allow(clippy::too_many_arguments)] // as eq2_distill, with the paths
+#[allow(clippy::too_many_arguments)] // as eq2_distill, with the paths and their schedule
 pub fn eq2_distill_paths<R: Rng + ?Sized>(
     plan: &Plan,
     state: &mut ModelState,
     paths: &[Path],
     layer: usize,
-    x_t: &Tensor,
-    x_s: &Tensor,
+    (x_t, x_s): (&Tensor, &Tensor),
     config: &DistillConfig,
+    batching: PathBatching,
     rng: &mut R,
 ) -> Result<Vec<Distilled>> {
-    match config.bn_mode {
-        BnMode::Eval => lock_step(plan, state, paths, layer, (x_t, x_s), config, rng),
-        BnMode::Train => paths
+    match (config.bn_mode, batching) {
+        (BnMode::Eval, PathBatching::Batched) => {
+            lock_step(plan, state, paths, layer, (x_t, x_s), config, rng)
+        }
+        _ => paths
             .iter()
             .map(|path| eq2_distill(plan, state, path, layer, x_t, x_s, config, rng))
             .collect(),

@@ -16,6 +16,7 @@ use crate::eio::cross_train;
 use crate::ensemble::{member_path, optimiser_step, MethodReport};
 use crate::model::Gradients;
 use crate::optim::Optimiser;
+use crate::path_batching::PathBatching;
 use crate::state::ModelState;
 
 /// One DVERGE iteration (`eio_reference::dverge::dverge_iteration`): for each member j in
@@ -96,9 +97,10 @@ pub fn dverge_iteration<R: Rng + ?Sized>(
             .map(|(_, x)| x)
             .collect();
         let mut grads = Gradients::default();
-        let cross_i = cross_train(plan, state, &path, &others, labels, scale, &mut grads)?;
+        let batching = (&path, PathBatching::for_device(labels.device()));
+        let cross_i = cross_train(plan, state, batching, &others, labels, scale, &mut grads)?;
         let adv_i = match adversarial.get(i) {
-            Some(x) => cross_train(plan, state, &path, &[x], labels, 1.0, &mut grads)?,
+            Some(x) => cross_train(plan, state, batching, &[x], labels, 1.0, &mut grads)?,
             None => 0.0,
         };
         cross_ce += cross_i;

@@ -13,6 +13,7 @@ use crate::distill::eq2_distill_paths;
 use crate::model::{backward, backward_groups, forward_groups, logits, Gradients};
 use crate::ops;
 use crate::optim::Sgd;
+use crate::path_batching::PathBatching;
 use crate::state::ModelState;
 
 /// Source images with labels (`[N]`, u32) and the target images they are distilled towards.
@@ -40,7 +41,8 @@ fn scalar(t: &Tensor) -> Result<f64> {
     t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
 }
 
-/// Algorithm 1 lines 13-24 for the layer and paths of `draw`.
+/// Algorithm 1 lines 13-24 for the layer and paths of `draw`, the paths scheduled as is
+/// fastest on the batch's device ([`PathBatching::for_device`]).
 ///
 /// # Errors
 /// On a device error.
@@ -53,6 +55,25 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
     draw: &IterationDraw,
     rng: &mut R,
 ) -> Result<IterationReport> {
+    let batching = PathBatching::for_device(batch.source.device());
+    eq4_iteration_with(plan, state, optimiser, config, batch, draw, batching, rng)
+}
+
+/// [`eq4_iteration`] with the paths scheduled by `batching` (the same results either way).
+///
+/// # Errors
+/// On a device error.
+#[allow(clippy::too_many_arguments)] // eq4_iteration's arguments and the schedule
+pub fn eq4_iteration_with<R: Rng + ?Sized>(
+    plan: &Plan,
+    state: &mut ModelState,
+    optimiser: &mut Sgd,
+    config: &Config,
+    batch: &EioBatch,
+    draw: &IterationDraw,
+    batching: PathBatching,
+    rng: &mut R,
+) -> Result<IterationReport> {
     let (layer, paths) = (draw.layer, draw.paths.as_slice());
     let p = paths.len();
     let mut distilled = Vec::with_capacity(p);
@@ -63,9 +84,9 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
         state,
         paths,
         layer,
-        &batch.target,
-        &batch.source,
+        (&batch.target, &batch.source),
         &config.distill,
+        batching,
         rng,
     )? {
         distill_losses.push(d.losses.last().copied().unwrap_or(f64::NAN));
@@ -106,7 +127,7 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
         path_losses.push(cross_train(
             plan,
             state,
-            path,
+            (path, batching),
             &inputs,
             &batch.labels,
             scale,
@@ -129,17 +150,17 @@ pub fn eq4_iteration<R: Rng + ?Sized>(
 /// `labels`). Returns the sum of those terms and adds their gradients into `total`, batch
 /// after batch.
 ///
-/// The inputs run as one path-batched pass ([`forward_groups`], one group per input):
-/// each group has its own batch statistics, the running statistics are updated group after
-/// group, and each group's gradients are added to `total` in turn, so every value is the one
-/// the passes one after the other give.
+/// [`PathBatching::Batched`] runs the inputs as one path-batched pass ([`forward_groups`],
+/// one group per input): each group has its own batch statistics, the running statistics are
+/// updated group after group, and each group's gradients are added to `total` in turn, so
+/// every value is the one the passes one after the other give.
 ///
 /// # Errors
-/// On a device error.
+/// If an input does not have one image per label; on a device error.
 pub(crate) fn cross_train(
     plan: &Plan,
     state: &mut ModelState,
-    path: &Path,
+    (path, batching): (&Path, PathBatching),
     inputs: &[&Tensor],
     labels: &Tensor,
     scale: f64,
@@ -150,23 +171,26 @@ pub(crate) fn cross_train(
     if sizes.iter().any(|&size| size != n) {
         candle_core::bail!("cross-training batches of {sizes:?} images for {n} labels");
     }
-    if inputs.is_empty() {
-        return Ok(0.0);
-    }
-    let paths = vec![path.clone(); inputs.len()];
-    let batch = Tensor::cat(inputs, 0)?;
-    let trace = forward_groups(plan, state, &paths, &batch, BnMode::Train, plan.logits())?;
-    state.commit(&trace);
+    let passes: Vec<Vec<&Tensor>> = match batching {
+        PathBatching::Batched if !inputs.is_empty() => vec![inputs.to_vec()],
+        _ => inputs.iter().map(|&x| vec![x]).collect(),
+    };
     let mut loss = 0.0;
-    let mut seeds = Vec::with_capacity(inputs.len());
-    for g in 0..inputs.len() {
-        let (ce, grad) = ops::cross_entropy(&trace.last().narrow(0, g * n, n)?, labels)?;
-        loss += scale * scalar(&ce)?;
-        seeds.push((grad * scale)?);
-    }
-    let seed = Tensor::cat(&seeds, 0)?;
-    for grads in backward_groups(plan, state, &trace, &[(plan.logits(), seed)])? {
-        total.add(grads)?;
+    for batches in passes {
+        let paths = vec![path.clone(); batches.len()];
+        let input = Tensor::cat(&batches, 0)?;
+        let trace = forward_groups(plan, state, &paths, &input, BnMode::Train, plan.logits())?;
+        state.commit(&trace);
+        let mut seeds = Vec::with_capacity(batches.len());
+        for g in 0..batches.len() {
+            let (ce, grad) = ops::cross_entropy(&trace.last().narrow(0, g * n, n)?, labels)?;
+            loss += scale * scalar(&ce)?;
+            seeds.push((grad * scale)?);
+        }
+        let seed = Tensor::cat(&seeds, 0)?;
+        for grads in backward_groups(plan, state, &trace, &[(plan.logits(), seed)])? {
+            total.add(grads)?;
+        }
     }
     Ok(loss)
 }
@@ -307,47 +331,40 @@ mod tests {
             random(3, &mut rng),
         ];
         let inputs: Vec<&Tensor> = batches.iter().collect();
-        let run = |batched: bool| {
+        let run = |batching: PathBatching| {
             let mut state = state.clone();
             let mut total = Gradients::default();
-            let mut losses = vec![];
             // A total that already holds a pass's gradients, as for the second path of an
             // iteration.
-            losses.push(
+            let losses = [
                 cross_train(
                     &plan,
                     &mut state,
-                    &path,
+                    (&path, batching),
                     &[&first],
                     &labels,
                     0.5,
                     &mut total,
                 )
                 .expect("first"),
-            );
-            if batched {
-                losses.push(
-                    cross_train(&plan, &mut state, &path, &inputs, &labels, 0.5, &mut total)
-                        .expect("batched"),
-                );
-            } else {
-                let mut sum = 0.0;
-                for x in &inputs {
-                    sum += cross_train(&plan, &mut state, &path, &[x], &labels, 0.5, &mut total)
-                        .expect("one batch");
-                }
-                losses.push(sum);
-            }
+                cross_train(
+                    &plan,
+                    &mut state,
+                    (&path, batching),
+                    &inputs,
+                    &labels,
+                    0.5,
+                    &mut total,
+                )
+                .expect("three batches"),
+            ];
             (state, total, losses)
         };
-        let (batched_state, batched, batched_losses) = run(true);
-        let (own_state, own, own_losses) = run(false);
+        let (batched_state, batched, batched_losses) = run(PathBatching::Batched);
+        let (own_state, own, own_losses) = run(PathBatching::Sequential);
         assert_eq!(
-            batched_losses
-                .iter()
-                .map(|l| l.to_bits())
-                .collect::<Vec<_>>(),
-            own_losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+            batched_losses.map(f64::to_bits),
+            own_losses.map(f64::to_bits),
             "losses"
         );
         assert_eq!(batched.params.len(), own.params.len(), "parameters");
@@ -364,7 +381,7 @@ mod tests {
         let err = cross_train(
             &plan,
             &mut state,
-            &path,
+            (&path, PathBatching::Batched),
             &[&first, &small],
             &labels,
             1.0,

@@ -26,6 +26,7 @@ pub mod method;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod path_batching;
 pub mod plot;
 pub mod pytorch;
 pub mod safe_write;

@@ -9,13 +9,17 @@
 
 use candle_core::{DType, Device, Tensor};
 use eio_accelerated::distill::{eq2_distill, eq2_distill_paths};
+use eio_accelerated::eio::{eq4_iteration_with, EioBatch, IterationReport};
 use eio_accelerated::model::{
     backward, backward_groups, forward_for_backward, forward_groups, input_gradient, Gradients,
 };
+use eio_accelerated::optim::{Sgd, SgdConfig};
+use eio_accelerated::path_batching::PathBatching;
 use eio_accelerated::state::ModelState;
 use eio_spec::config::{BnMode, Config, Preset};
 use eio_spec::plan::{FeatureSite, Op, Plan};
 use eio_spec::rng::Seeds;
+use eio_spec::sampler::IterationDraw;
 use eio_spec::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -237,9 +241,9 @@ fn distillations(sharing: &str, dtype: DType) {
                 &mut batched_state,
                 &paths,
                 layer,
-                &x_t,
-                &x_s,
+                (&x_t, &x_s),
                 &config.distill,
+                PathBatching::Batched,
                 &mut batched_rng,
             )
             .expect("lock-step distillations");
@@ -323,4 +327,75 @@ fn batches_that_do_not_split_into_groups_are_refused() {
         trace.one_path().is_err(),
         "a batched trace has no single path"
     );
+}
+
+/// A whole EIO iteration (Algorithm 1 lines 13-24: the p distillations, cross-training and
+/// the SGD step) gives the same bits with either schedule, two iterations in a row.
+#[test]
+fn eio_iterations_are_the_same_batched_or_not() {
+    for sharing in ["shared-conv", "independent"] {
+        let config = config(sharing);
+        let plan = Plan::build(&config.model).expect("a valid small ResNet");
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let start = state(&plan, 6, DType::F32, &mut rng);
+        let batch = EioBatch {
+            source: random(&[N, 3, 8, 8], 0.0, 1.0, DType::F32, &mut rng),
+            labels: Tensor::new(&[1u32, 0, 4], &Device::Cpu).expect("labels"),
+            target: random(&[N, 3, 8, 8], 0.0, 1.0, DType::F32, &mut rng),
+        };
+        let draws: Vec<IterationDraw> = path_sets(&plan, &mut rng)
+            .into_iter()
+            .zip([3, 1])
+            .map(|(paths, layer)| IterationDraw { layer, paths })
+            .collect();
+        let run = |batching: PathBatching| {
+            let mut state = start.clone();
+            let mut sgd = Sgd::new(SgdConfig {
+                lr: config.train.lr,
+                momentum: config.train.momentum,
+                weight_decay: config.train.weight_decay,
+                nesterov: config.train.nesterov,
+            });
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let reports: Vec<_> = draws
+                .iter()
+                .map(|draw| {
+                    eq4_iteration_with(
+                        &plan, &mut state, &mut sgd, &config, &batch, draw, batching, &mut rng,
+                    )
+                    .expect("iteration")
+                })
+                .collect();
+            (state, reports)
+        };
+        let (batched, batched_reports) = run(PathBatching::Batched);
+        let (sequential, reports) = run(PathBatching::Sequential);
+        assert_same_state(
+            &format!("{sharing} after two iterations"),
+            &batched,
+            &sequential,
+        );
+        for (b, s) in batched_reports.iter().zip(&reports) {
+            let losses = |r: &IterationReport| {
+                let all = r.path_losses.iter().chain(&r.distill_losses);
+                all.map(|l| l.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(losses(b), losses(s), "{sharing}: losses");
+            assert_eq!(b.sign_ties, s.sign_ties, "{sharing}: sign ties");
+        }
+        let fc = plan
+            .nodes
+            .iter()
+            .find_map(|node| match &node.op {
+                Op::Linear { params, .. } => Some(params.candidates[0].weight.clone()),
+                _ => None,
+            })
+            .expect("a linear layer");
+        assert!(
+            bits(&(&batched.tensors[&fc] - &start.tensors[&fc]).expect("diff"))
+                .iter()
+                .any(|&b| f64::from_bits(b) != 0.0),
+            "{sharing}: the iterations trained the model"
+        );
+    }
 }
