@@ -18,8 +18,9 @@ use eio_spec::{Path, Plan};
 use rand::Rng;
 
 use crate::distill::{project, random_start, SIGN_TIE};
-use crate::model::{eval_logits, input_gradient, input_gradient_with, logits};
+use crate::model::{eval_logits, forward_groups, input_gradient, input_gradient_with, logits};
 use crate::ops;
+use crate::path_batching::PathBatching;
 use crate::state::ModelState;
 
 /// The probability floor of the ensemble output (DVERGE clamps the mean softmax at 1e-40).
@@ -165,6 +166,79 @@ impl Target<'_> {
         }
     }
 
+    /// Whether every image's output and gradient depend on that image alone (eval-mode
+    /// BatchNorm), so that a batch of several groups gives each group its own values.
+    fn per_image(&self) -> bool {
+        !matches!(
+            self,
+            Target::Path {
+                mode: BnMode::Train,
+                ..
+            }
+        )
+    }
+
+    /// [`Target::loss_and_input_grad`]'s gradient for each group of a batch of one group of
+    /// images per version (`labels`: one group's), with group g's objective and, for a
+    /// randomised target, its EOT paths drawn from `versions[g]`'s stream: each group's rows
+    /// are the gradient its own call gives. Only for a [`Target::per_image`] target.
+    fn grouped_input_grad<R: Rng>(
+        &self,
+        x: &Tensor,
+        labels: &Tensor,
+        objectives: &[Objective<'_>],
+        versions: &mut [(AttackSettings, R)],
+    ) -> Result<Tensor> {
+        // Each group's loss gradient at its rows of `output`.
+        let seed = |output: &Tensor| -> Result<Tensor> {
+            let n = labels.dim(0)?;
+            let grads = objectives
+                .iter()
+                .enumerate()
+                .map(|(g, o)| Ok(loss_of(&output.narrow(0, g * n, n)?, labels, o.loss, o.kappa)?.1))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&grads, 0)
+        };
+        match self {
+            Target::Path {
+                plan, state, path, ..
+            } => {
+                let (z, trace) = logits(plan, state, path, x, BnMode::Eval)?;
+                input_gradient(plan, state, &trace, &[(plan.logits(), seed(&z)?)])
+            }
+            Target::Ensemble(members) => {
+                let mut outs = Vec::with_capacity(members.len());
+                for m in members {
+                    outs.push(logits(m.plan, m.state, m.path, x, BnMode::Eval)?);
+                }
+                let zs: Vec<Tensor> = outs.iter().map(|(z, _)| z.clone()).collect();
+                let log_p = ops::log_mean_softmax(&zs, ENSEMBLE_PROB_FLOOR)?;
+                let g = seed(&log_p)?;
+                let member_grads = ops::log_mean_softmax_backward(&zs, ENSEMBLE_PROB_FLOOR, &g)?;
+                let mut total = x.zeros_like()?;
+                for ((m, (_, trace)), g) in members.iter().zip(&outs).zip(member_grads) {
+                    total =
+                        (total + input_gradient(m.plan, m.state, trace, &[(m.plan.logits(), g)])?)?;
+                }
+                Ok(total)
+            }
+            Target::Randomised { plan, state, eot } => {
+                let mut total = x.zeros_like()?;
+                for _ in 0..*eot {
+                    let paths: Vec<Path> = versions
+                        .iter_mut()
+                        .map(|(_, rng)| plan.path_space().sample(rng))
+                        .collect();
+                    let trace =
+                        forward_groups(plan, state, &paths, x, BnMode::Eval, plan.logits())?;
+                    let g = seed(trace.last())?;
+                    total = (total + input_gradient(plan, state, &trace, &[(plan.logits(), g)])?)?;
+                }
+                total / *eot as f64
+            }
+        }
+    }
+
     /// The predicted class of each image (first maximum; a randomised target draws one path).
     ///
     /// # Errors
@@ -302,6 +376,98 @@ pub fn pgd_run<R: Rng + ?Sized>(
         images: adv,
         sign_ties: sign_ties.to_scalar::<f64>()? as usize,
     })
+}
+
+/// The attacks of `versions` (each its settings and its own random stream) from `x`: the runs
+/// of [`pgd_run`] for each version in turn, with the same results. [`PathBatching::Batched`]
+/// runs them in lock-step, one group of images per version (the restarts, losses and radii
+/// of an evaluation in one pass per step; a randomised target's EOT paths drawn per group,
+/// [`crate::model::forward_groups`]), wherever that gives the same bits: plain or momentum
+/// PGD with one number of steps and one momentum against an eval-mode target. Otherwise, one
+/// after the other.
+///
+/// # Errors
+/// As [`pgd_run`].
+pub fn pgd_versions<R: Rng>(
+    target: &Target<'_>,
+    x: &Tensor,
+    labels: &Tensor,
+    versions: &mut [(AttackSettings, R)],
+    batching: PathBatching,
+) -> Result<Vec<AttackRun>> {
+    let lock_step = batching == PathBatching::Batched
+        && versions.len() > 1
+        && target.per_image()
+        && versions.iter().all(|(s, _)| {
+            s.steps == versions[0].0.steps
+                && s.momentum == versions[0].0.momentum
+                && s.input_diversity.is_none()
+                && s.skip_gradient.is_none()
+        });
+    if !lock_step {
+        return versions
+            .iter_mut()
+            .map(|(settings, rng)| pgd_run(target, x, labels, settings, rng))
+            .collect();
+    }
+    let (groups, n) = (versions.len(), x.dim(0)?);
+    // Per image of the batch: its version's ε and step size.
+    let per_image = |value: fn(&AttackSettings) -> f64| {
+        let values: Vec<f64> = versions
+            .iter()
+            .flat_map(|(s, _)| std::iter::repeat_n(value(s), n))
+            .collect();
+        Tensor::from_vec(values, (groups * n, 1, 1, 1), x.device())?.to_dtype(x.dtype())
+    };
+    let (eps, step) = (per_image(|s| s.eps)?, per_image(|s| s.step_size)?);
+    let xs = Tensor::cat(&vec![x; groups], 0)?;
+    let (upper, lower) = (xs.broadcast_add(&eps)?, xs.broadcast_sub(&eps)?);
+    let starts = versions
+        .iter_mut()
+        .map(|(s, rng)| match s.random_start {
+            true => random_start(x, s.eps, rng),
+            false => Ok(x.clone()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut adv = Tensor::cat(&starts, 0)?;
+    let objectives: Vec<Objective> = versions
+        .iter()
+        .map(|(s, _)| Objective {
+            loss: s.loss,
+            kappa: s.cw_kappa,
+            skip: None,
+        })
+        .collect();
+    let mut momentum: Option<Tensor> = None;
+    let mut sign_ties = vec![Tensor::zeros((), DType::F64, x.device())?; groups];
+    for _ in 0..versions[0].0.steps {
+        let grad = target.grouped_input_grad(&adv, labels, &objectives, versions)?;
+        let direction = match versions[0].0.momentum {
+            Some(decay) => {
+                let m = ops::l1_momentum(momentum.as_ref(), &grad, decay)?;
+                momentum = Some(m.clone());
+                m
+            }
+            None => grad,
+        };
+        for (g, ties) in sign_ties.iter_mut().enumerate() {
+            *ties = (&*ties + ops::count_below(&direction.narrow(0, g * n, n)?, SIGN_TIE)?)?;
+        }
+        adv = (adv + ops::sign(&direction)?.broadcast_mul(&step)?)?
+            .minimum(&upper)?
+            .maximum(&lower)?
+            .clamp(0.0, 1.0)?;
+    }
+    sign_ties
+        .into_iter()
+        .enumerate()
+        .map(|(g, ties)| {
+            Ok(AttackRun {
+                images: adv.narrow(0, g * n, n)?,
+                sign_ties: ties.to_scalar::<f64>()? as usize,
+            })
+        })
+        .collect()
 }
 
 /// The adversarial images of [`pgd_run`].

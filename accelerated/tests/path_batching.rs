@@ -2,12 +2,15 @@
 //! group of images per path) against `forward_for_backward` along each path in turn, with its
 //! running statistics, `input_gradient`, `backward_groups` and `backward`; and
 //! `distill::eq2_distill_paths` (the p distillations in lock-step) against `eq2_distill` for
-//! each path in turn, with the random numbers it draws. In f64 and f32, train and eval mode,
+//! each path in turn, with the random numbers it draws; a whole EIO iteration either way; and
+//! `attack::pgd_versions` (an evaluation's attack versions in lock-step) against each
+//! version's own `pgd_run`. In f64 and f32, train and eval mode,
 //! on a ResNet-8 with shared convolutions (one convolution serves every group) and with
 //! independent ones (one per run of groups that select the same weight), with paths that
 //! agree and disagree at each gate.
 
 use candle_core::{DType, Device, Tensor};
+use eio_accelerated::attack::{pgd_versions, AttackSettings, Member, Target};
 use eio_accelerated::distill::{eq2_distill, eq2_distill_paths};
 use eio_accelerated::eio::{eq4_iteration_with, EioBatch, IterationReport};
 use eio_accelerated::model::{
@@ -16,7 +19,7 @@ use eio_accelerated::model::{
 use eio_accelerated::optim::{Sgd, SgdConfig};
 use eio_accelerated::path_batching::PathBatching;
 use eio_accelerated::state::ModelState;
-use eio_spec::config::{BnMode, Config, Preset};
+use eio_spec::config::{AttackLoss, BnMode, Config, Preset};
 use eio_spec::plan::{FeatureSite, Op, Plan};
 use eio_spec::rng::Seeds;
 use eio_spec::sampler::IterationDraw;
@@ -397,5 +400,95 @@ fn eio_iterations_are_the_same_batched_or_not() {
                 .any(|&b| f64::from_bits(b) != 0.0),
             "{sharing}: the iterations trained the model"
         );
+    }
+}
+
+/// The versions of an evaluation (radii, losses, restarts, each with its own random stream)
+/// in lock-step give each version's own attack, bit for bit: against one path, an ensemble and
+/// the randomised RGN with EOT (whose paths each version draws), plain and momentum PGD.
+#[test]
+fn lock_step_attacks_are_each_versions_own() {
+    let config = config("shared-conv");
+    let plan = Plan::build(&config.model).expect("a valid small ResNet");
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let (state_a, state_b) = (
+        state(&plan, 1, DType::F32, &mut rng),
+        state(&plan, 2, DType::F32, &mut rng),
+    );
+    let x = random(&[N, 3, 8, 8], 0.0, 1.0, DType::F32, &mut rng);
+    let labels = Tensor::new(&[2u32, 0, 4], &Device::Cpu).expect("labels");
+    let paths = path_sets(&plan, &mut rng).remove(1);
+    let members = vec![
+        Member {
+            plan: &plan,
+            state: &state_a,
+            path: &paths[0],
+        },
+        Member {
+            plan: &plan,
+            state: &state_b,
+            path: &paths[1],
+        },
+    ];
+    let targets = [
+        (
+            "one path",
+            Target::Path {
+                plan: &plan,
+                state: &state_a,
+                path: &paths[2],
+                mode: BnMode::Eval,
+            },
+        ),
+        ("ensemble", Target::Ensemble(members)),
+        (
+            "randomised",
+            Target::Randomised {
+                plan: &plan,
+                state: &state_b,
+                eot: 2,
+            },
+        ),
+    ];
+    for (name, target) in &targets {
+        for momentum in [None, Some(1.0)] {
+            let mut versions = Vec::new();
+            for eps in [0.03, 0.01] {
+                for loss in [AttackLoss::Ce, AttackLoss::Cw] {
+                    for restart in 0..2u64 {
+                        let mut settings = AttackSettings::white_box(&config.eval, eps, loss);
+                        settings.steps = 3;
+                        settings.random_start = true;
+                        settings.momentum = momentum;
+                        let seed = versions.len() as u64 * 10 + restart;
+                        versions.push((settings, ChaCha8Rng::seed_from_u64(seed)));
+                    }
+                }
+            }
+            let what = format!("{name} momentum {momentum:?}");
+            let mut own = versions.clone();
+            let batched = pgd_versions(target, &x, &labels, &mut versions, PathBatching::Batched)
+                .expect("lock-step attacks");
+            let sequential = pgd_versions(target, &x, &labels, &mut own, PathBatching::Sequential)
+                .expect("one attack after another");
+            assert_eq!(batched.len(), 8, "{what}: one run per version");
+            for (v, (b, s)) in batched.iter().zip(&sequential).enumerate() {
+                assert_same(&format!("{what} version {v}"), &b.images, &s.images);
+                assert_eq!(b.sign_ties, s.sign_ties, "{what} version {v}: sign ties");
+                assert!(
+                    bits(&(&s.images - &x).expect("diff"))
+                        .iter()
+                        .any(|&b| b != 0),
+                    "{what} version {v}: the attack moved the images"
+                );
+            }
+            for (v, ((_, b), (_, s))) in versions.iter_mut().zip(&mut own).enumerate() {
+                assert_eq!(
+                    b.random::<u64>(),
+                    s.random::<u64>(),
+                    "{what} version {v}: draws"
+                );
+            }
+        }
     }
 }
