@@ -15,11 +15,12 @@ pub enum PathBatching {
 }
 
 impl PathBatching {
-    /// The faster schedule on `device`. A GPU is filled better by the larger passes. On the
-    /// CPU one path after another is faster: on 2 cores a ResNet-20 EIO iteration (batch 128,
-    /// p = 3) ran 0-10 % slower batched, with 2.8x the peak memory, because the direct
-    /// convolutions already run near the FMA peak per image and three batches' activations
-    /// no longer stay in cache (BENCHMARKS.md).
+    /// The schedule for `device`: batched on a GPU, which larger passes fill better; one path
+    /// after another on the CPU. There the direct convolutions already run near the FMA peak
+    /// on one batch, and on 2 cores batching gained nothing measurable (a ResNet-20 EIO
+    /// iteration at batch 128, p = 3: within the machine's ±10 % noise of sequential over
+    /// four runs, the lock-step distillations alone 3-9 % slower) while it took 2.7-2.8x the
+    /// peak memory (BENCHMARKS.md).
     pub fn for_device(device: &Device) -> Self {
         match device {
             Device::Cpu => PathBatching::Sequential,
