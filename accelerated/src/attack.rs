@@ -93,6 +93,31 @@ fn path_loss_grad(
     ))
 }
 
+/// An ensemble's output log(mean softmax) at `x`, the loss `loss_grad` gives there with its
+/// gradient at that output, and the loss's gradient with respect to `x` (each member's
+/// back-propagated with SGM's scaling when `skip` is set, summed in member order).
+fn ensemble_loss_grad<L>(
+    members: &[Member<'_>],
+    x: &Tensor,
+    skip: Option<&SkipGradient>,
+    loss_grad: impl FnOnce(&Tensor) -> Result<(L, Tensor)>,
+) -> Result<(L, Tensor)> {
+    let mut outs = Vec::with_capacity(members.len());
+    for m in members {
+        outs.push(logits(m.plan, m.state, m.path, x, BnMode::Eval)?);
+    }
+    let zs: Vec<Tensor> = outs.iter().map(|(z, _)| z.clone()).collect();
+    let log_p = ops::log_mean_softmax(&zs, ENSEMBLE_PROB_FLOOR)?;
+    let (l, g) = loss_grad(&log_p)?;
+    let member_grads = ops::log_mean_softmax_backward(&zs, ENSEMBLE_PROB_FLOOR, &g)?;
+    let mut total = x.zeros_like()?;
+    for ((m, (_, trace)), g) in members.iter().zip(&outs).zip(member_grads) {
+        let grad = input_gradient_with(m.plan, m.state, trace, &[(m.plan.logits(), g)], skip)?;
+        total = (total + grad)?;
+    }
+    Ok((l, total))
+}
+
 impl<'a> Target<'a> {
     /// The target of a list of members on their fixed paths: one member alone (eval-mode BN),
     /// several as an ensemble through the mean softmax.
@@ -133,23 +158,9 @@ impl Target<'_> {
                 path,
                 mode,
             } => path_loss_grad(plan, state, path, *mode, x, labels, objective),
-            Target::Ensemble(members) => {
-                let mut outs = Vec::with_capacity(members.len());
-                for m in members {
-                    outs.push(logits(m.plan, m.state, m.path, x, BnMode::Eval)?);
-                }
-                let zs: Vec<Tensor> = outs.iter().map(|(z, _)| z.clone()).collect();
-                let log_p = ops::log_mean_softmax(&zs, ENSEMBLE_PROB_FLOOR)?;
-                let (l, g) = loss_of(&log_p, labels, loss, kappa)?;
-                let member_grads = ops::log_mean_softmax_backward(&zs, ENSEMBLE_PROB_FLOOR, &g)?;
-                let mut total = x.zeros_like()?;
-                for ((m, (_, trace)), g) in members.iter().zip(&outs).zip(member_grads) {
-                    let grad =
-                        input_gradient_with(m.plan, m.state, trace, &[(m.plan.logits(), g)], skip)?;
-                    total = (total + grad)?;
-                }
-                Ok((l, total))
-            }
+            Target::Ensemble(members) => ensemble_loss_grad(members, x, skip, |log_p| {
+                loss_of(log_p, labels, loss, kappa)
+            }),
             Target::Randomised { plan, state, eot } => {
                 let mut total_loss = x.zeros_like()?.sum_all()?;
                 let mut total = x.zeros_like()?;
@@ -207,20 +218,7 @@ impl Target<'_> {
                 input_gradient(plan, state, &trace, &[(plan.logits(), seed(&z)?)])
             }
             Target::Ensemble(members) => {
-                let mut outs = Vec::with_capacity(members.len());
-                for m in members {
-                    outs.push(logits(m.plan, m.state, m.path, x, BnMode::Eval)?);
-                }
-                let zs: Vec<Tensor> = outs.iter().map(|(z, _)| z.clone()).collect();
-                let log_p = ops::log_mean_softmax(&zs, ENSEMBLE_PROB_FLOOR)?;
-                let g = seed(&log_p)?;
-                let member_grads = ops::log_mean_softmax_backward(&zs, ENSEMBLE_PROB_FLOOR, &g)?;
-                let mut total = x.zeros_like()?;
-                for ((m, (_, trace)), g) in members.iter().zip(&outs).zip(member_grads) {
-                    total =
-                        (total + input_gradient(m.plan, m.state, trace, &[(m.plan.logits(), g)])?)?;
-                }
-                Ok(total)
+                Ok(ensemble_loss_grad(members, x, None, |log_p| Ok(((), seed(log_p)?)))?.1)
             }
             Target::Randomised { plan, state, eot } => {
                 let mut total = x.zeros_like()?;

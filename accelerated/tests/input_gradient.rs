@@ -5,6 +5,8 @@
 //! `None` is the plain backward and whose γ = 1 without normalisation changes nothing. And
 //! the lean traces (`forward_for_backward`, `eval_logits`) against the full `forward`.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use eio_accelerated::model::{
     backward, backward_with, eval_logits, forward, forward_for_backward, input_gradient,
@@ -16,8 +18,10 @@ use eio_spec::attack::SkipGradient;
 use eio_spec::config::{BnMode, Preset};
 use eio_spec::plan::{FeatureSite, Op, Plan};
 use eio_spec::rng::Seeds;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+
+use common::{bits, random};
 
 fn small_plan() -> Plan {
     let config = Preset::Official
@@ -50,25 +54,6 @@ fn small_plan() -> Plan {
         "the plan has a stride-2 1x1 shortcut conv: {convs:?}"
     );
     plan
-}
-
-fn random(dims: &[usize], lo: f64, hi: f64, dtype: DType, rng: &mut ChaCha8Rng) -> Tensor {
-    let len = dims.iter().product();
-    let values: Vec<f64> = (0..len).map(|_| rng.random_range(lo..hi)).collect();
-    Tensor::from_vec(values, dims, &Device::Cpu)
-        .and_then(|t| t.to_dtype(dtype))
-        .expect("host tensor")
-}
-
-/// The values of `t` as the bit patterns of their f64 widening (exact for f32).
-fn bits(t: &Tensor) -> Vec<u64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f64>())
-        .expect("host values")
-        .into_iter()
-        .map(f64::to_bits)
-        .collect()
 }
 
 fn check(dtype: DType) {

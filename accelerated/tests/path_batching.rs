@@ -9,6 +9,8 @@
 //! independent ones (one per run of groups that select the same weight), with paths that
 //! agree and disagree at each gate.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use eio_accelerated::attack::{pgd_versions, AttackSettings, Member, Target};
 use eio_accelerated::distill::{eq2_distill, eq2_distill_paths};
@@ -27,6 +29,8 @@ use eio_spec::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use common::{bits, random};
+
 /// Images per group.
 const N: usize = 3;
 
@@ -44,25 +48,6 @@ fn config(sharing: &str) -> Config {
             ])
         })
         .expect("a valid small config")
-}
-
-fn random(dims: &[usize], lo: f64, hi: f64, dtype: DType, rng: &mut ChaCha8Rng) -> Tensor {
-    let len = dims.iter().product();
-    let values: Vec<f64> = (0..len).map(|_| rng.random_range(lo..hi)).collect();
-    Tensor::from_vec(values, dims, &Device::Cpu)
-        .and_then(|t| t.to_dtype(dtype))
-        .expect("host tensor")
-}
-
-/// The values of `t` as the bit patterns of their f64 widening (exact for f32).
-fn bits(t: &Tensor) -> Vec<u64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f64>())
-        .expect("host values")
-        .into_iter()
-        .map(f64::to_bits)
-        .collect()
 }
 
 #[track_caller]

@@ -1,10 +1,35 @@
-//! Shared pieces of the `eio` command tests: a tiny CIFAR-10-format data set written by the
-//! test, a tiny config over it, and process helpers.
+//! Shared pieces of the engine's tests: seeded host tensors and their bits; for the `eio`
+//! command tests, a tiny CIFAR-10-format data set written by the test, a tiny config over it,
+//! and process helpers.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// A host tensor of `dims` with values drawn uniformly from [lo, hi).
+pub fn random(dims: &[usize], lo: f64, hi: f64, dtype: DType, rng: &mut ChaCha8Rng) -> Tensor {
+    let len = dims.iter().product();
+    let values: Vec<f64> = (0..len).map(|_| rng.random_range(lo..hi)).collect();
+    Tensor::from_vec(values, dims, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .expect("host tensor")
+}
+
+/// The values of `t` as the bit patterns of their f64 widening (exact for f32).
+pub fn bits(t: &Tensor) -> Vec<u64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("host values")
+        .into_iter()
+        .map(f64::to_bits)
+        .collect()
+}
 
 pub fn eio() -> Command {
     Command::new(env!("CARGO_BIN_EXE_eio"))
