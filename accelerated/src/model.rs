@@ -107,12 +107,7 @@ impl Gradients {
     /// # Errors
     /// On a device error.
     pub fn accumulate(&mut self, name: &str, grad: Tensor) -> Result<()> {
-        let total = match self.params.remove(name) {
-            Some(total) => (total + grad)?,
-            None => grad,
-        };
-        self.params.insert(name.to_string(), total);
-        Ok(())
+        accumulate(&mut self.params, name, grad)
     }
 
     /// Adds every gradient of `other`.
