@@ -377,22 +377,23 @@ pub fn pgd_run<R: Rng + ?Sized>(
 }
 
 /// The attacks of `versions` (each its settings and its own random stream) from `x`: the runs
-/// of [`pgd_run`] for each version in turn, with the same results. [`PathBatching::Batched`]
-/// runs them in lock-step, one group of images per version (the restarts, losses and radii
-/// of an evaluation in one pass per step; a randomised target's EOT paths drawn per group,
-/// [`crate::model::forward_groups`]), wherever that gives the same bits: plain or momentum
-/// PGD with one number of steps and one momentum against an eval-mode target. Otherwise, one
-/// after the other.
+/// of [`pgd_run`] for each version in turn, with the same results, each handed to `each` with
+/// the version's index. [`PathBatching::Batched`] runs them in lock-step, one group of images
+/// per version (the restarts, losses and radii of an evaluation in one pass per step; a
+/// randomised target's EOT paths drawn per group, [`crate::model::forward_groups`]), wherever
+/// that gives the same bits: plain or momentum PGD with one number of steps and one momentum
+/// against an eval-mode target. Otherwise they run one after the other, each run handed over
+/// as soon as it is done, so that only one version's images are held at a time.
 ///
 /// # Errors
-/// As [`pgd_run`].
-pub fn pgd_versions<R: Rng>(
+/// As [`pgd_run`], or the first error of `each`.
+pub fn pgd_versions<R: Rng, E: From<candle_core::Error>>(
     target: &Target<'_>,
-    x: &Tensor,
-    labels: &Tensor,
+    (x, labels): (&Tensor, &Tensor),
     versions: &mut [(AttackSettings, R)],
     batching: PathBatching,
-) -> Result<Vec<AttackRun>> {
+    mut each: impl FnMut(usize, AttackRun) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     let lock_step = batching == PathBatching::Batched
         && versions.len() > 1
         && target.per_image()
@@ -402,12 +403,28 @@ pub fn pgd_versions<R: Rng>(
                 && s.input_diversity.is_none()
                 && s.skip_gradient.is_none()
         });
-    if !lock_step {
-        return versions
-            .iter_mut()
-            .map(|(settings, rng)| pgd_run(target, x, labels, settings, rng))
-            .collect();
+    if lock_step {
+        for (v, run) in pgd_lock_step(target, x, labels, versions)?
+            .into_iter()
+            .enumerate()
+        {
+            each(v, run)?;
+        }
+    } else {
+        for (v, (settings, rng)) in versions.iter_mut().enumerate() {
+            each(v, pgd_run(target, x, labels, settings, rng)?)?;
+        }
     }
+    Ok(())
+}
+
+/// The lock-step runs of [`pgd_versions`].
+fn pgd_lock_step<R: Rng>(
+    target: &Target<'_>,
+    x: &Tensor,
+    labels: &Tensor,
+    versions: &mut [(AttackSettings, R)],
+) -> Result<Vec<AttackRun>> {
     let (groups, n) = (versions.len(), x.dim(0)?);
     // Per image of the batch: its version's ε and step size.
     let per_image = |value: fn(&AttackSettings) -> f64| {

@@ -107,17 +107,25 @@ fn adversarial_accuracy(
             }
         }
     }
-    let batching = PathBatching::for_device(images.device());
-    let runs = pgd_versions(source, images, labels, &mut attacks, batching)?;
     let mut verdicts = config
         .eps
         .iter()
         .map(|_| Verdict::new(truth.len(), &versions))
         .collect::<Result<Vec<_>, _>>()?;
-    for ((e, name, index), run) in runs_of.iter().zip(runs) {
-        let predicted = victim.predict(&run.images, &mut seeds.stream(Stream::Gates, *index))?;
-        verdicts[*e].record(name, &correct(predicted))?;
-    }
+    let batching = PathBatching::for_device(images.device());
+    pgd_versions(
+        source,
+        (images, labels),
+        &mut attacks,
+        batching,
+        |v, run| -> Result<(), EngineError> {
+            let (e, name, index) = &runs_of[v];
+            let predicted =
+                victim.predict(&run.images, &mut seeds.stream(Stream::Gates, *index))?;
+            verdicts[*e].record(name, &correct(predicted))?;
+            Ok(())
+        },
+    )?;
     let per_eps = config
         .eps
         .iter()

@@ -452,10 +452,18 @@ fn lock_step_attacks_are_each_versions_own() {
             }
             let what = format!("{name} momentum {momentum:?}");
             let mut own = versions.clone();
-            let batched = pgd_versions(target, &x, &labels, &mut versions, PathBatching::Batched)
-                .expect("lock-step attacks");
-            let sequential = pgd_versions(target, &x, &labels, &mut own, PathBatching::Sequential)
-                .expect("one attack after another");
+            let runs = |versions: &mut [(AttackSettings, ChaCha8Rng)], batching| {
+                let mut runs = Vec::new();
+                pgd_versions(target, (&x, &labels), versions, batching, |v, run| {
+                    assert_eq!(v, runs.len(), "versions handed over in order");
+                    runs.push(run);
+                    Ok::<_, candle_core::Error>(())
+                })
+                .expect("attacks");
+                runs
+            };
+            let batched = runs(&mut versions, PathBatching::Batched);
+            let sequential = runs(&mut own, PathBatching::Sequential);
             assert_eq!(batched.len(), 8, "{what}: one run per version");
             for (v, (b, s)) in batched.iter().zip(&sequential).enumerate() {
                 assert_same(&format!("{what} version {v}"), &b.images, &s.images);
